@@ -1,0 +1,180 @@
+"""Plain PyTorch CPU reference for the ``shakespeare_char`` baseline.
+
+Same model and recipe as maxlm's shakespeare_char config, so that wall time and
+tokens/s can be compared like for like:
+
+* GPT-2 style char-level decoder: 4 layers, 4 heads, d_model 128, context 64,
+  pre-LayerNorm with bias, learned positions, GELU(tanh) 4x MLP, tied embeddings,
+  no dropout, N(0, 0.02) init with residual projections scaled by 1/sqrt(2 L).
+* AdamW(1e-3, betas (0.9, 0.99), eps 1e-8, wd 0.1 on 2D weights only), 100 warmup
+  steps then cosine decay to 1e-4, grad clip 1.0, batch 12, 2000 steps.
+* 90/10 train/val split of the char stream, uniformly sampled random windows.
+
+Usage::
+
+    python benchmarks/torch_shakespeare.py --steps 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import math
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+N_LAYERS, N_HEADS, D_MODEL = 4, 4, 128
+PEAK_LR, MIN_LR, WARMUP_STEPS = 1e-3, 1e-4, 100
+BETAS, EPS, WEIGHT_DECAY, GRAD_CLIP = (0.9, 0.99), 1e-8, 0.1, 1.0
+
+
+def load_corpus() -> str:
+    """Return the Tiny Shakespeare text (repo-relative path, else package resource)."""
+    path = Path(__file__).resolve().parents[1] / "maxlm/data/assets/tinyshakespeare.txt"
+    if path.exists():
+        return path.read_text(encoding="utf-8")
+    res = importlib.resources.files("maxlm.data") / "assets/tinyshakespeare.txt"
+    return res.read_text(encoding="utf-8")
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, d: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.attn_out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.mlp_out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.attn_out(y.transpose(1, 2).reshape(b, t, d))
+        return x + self.mlp_out(F.gelu(self.fc(self.ln2(x)), approximate="tanh"))
+
+
+class GPT(nn.Module):
+    """Character-level GPT-2 style decoder with tied input/output embeddings."""
+
+    def __init__(self, vocab: int, seq_len: int, d: int = D_MODEL,
+                 n_layers: int = N_LAYERS, n_heads: int = N_HEADS) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(vocab, d)
+        self.pos = nn.Embedding(seq_len, d)
+        self.blocks = nn.ModuleList(Block(d, n_heads) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        for name, m in self.named_modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                resid = name.endswith(("attn_out", "mlp_out"))
+                nn.init.normal_(m.weight, std=0.02 / math.sqrt(2 * n_layers) if resid else 0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Return the mean next-token cross-entropy."""
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.ln_f(x) @ self.tok.weight.T
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def lr_at(step: int, total: int) -> float:
+    """Linear warmup to PEAK_LR, then cosine decay to MIN_LR at ``total``."""
+    if step < WARMUP_STEPS:
+        return PEAK_LR * (step + 1) / WARMUP_STEPS
+    frac = min(1.0, (step - WARMUP_STEPS) / max(1, total - WARMUP_STEPS))
+    return MIN_LR + 0.5 * (PEAK_LR - MIN_LR) * (1 + math.cos(math.pi * frac))
+
+
+def get_batch(data: torch.Tensor, batch_size: int, seq_len: int,
+              gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``batch_size`` uniformly random windows (inputs, shifted targets)."""
+    starts = torch.randint(len(data) - seq_len, (batch_size,), generator=gen)
+    idx = starts[:, None] + torch.arange(seq_len + 1)
+    win = data[idx]
+    return win[:, :-1], win[:, 1:]
+
+
+def run(steps: int = 2000, batch_size: int = 12, seq_len: int = 64,
+        eval_batches: int = 100, seed: int = 0, threads: int | None = None) -> dict:
+    """Train the baseline on CPU and return timing and loss metrics."""
+    t0 = time.perf_counter()
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    text = load_corpus()
+    chars = sorted(set(text))
+    lut = {c: i for i, c in enumerate(chars)}
+    data = torch.tensor([lut[c] for c in text], dtype=torch.long)
+    split = int(0.9 * len(data))
+    train_data, val_data = data[:split], data[split:]
+
+    model = GPT(len(chars), seq_len)
+    decay = [p for p in model.parameters() if p.dim() == 2]
+    no_decay = [p for p in model.parameters() if p.dim() != 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=PEAK_LR, betas=BETAS, eps=EPS)
+
+    step_times: list[float] = []
+    loss_val = float("nan")
+    t_train = time.perf_counter()
+    for step in range(steps):
+        ts = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps)
+        x, y = get_batch(train_data, batch_size, seq_len, gen)
+        loss = model(x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        opt.step()
+        loss_val = loss.item()
+        step_times.append(time.perf_counter() - ts)
+    train_s = time.perf_counter() - t_train
+
+    model.eval()
+    with torch.no_grad():
+        val_loss = sum(model(*get_batch(val_data, batch_size, seq_len, gen)).item()
+                       for _ in range(eval_batches)) / max(1, eval_batches)
+
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "train_s": train_s,
+        "step_time_s": statistics.median(step_times) if step_times else float("nan"),
+        "tokens_per_sec": steps * batch_size * seq_len / train_s if train_s > 0 else float("nan"),
+        "val_loss": val_loss,
+        "final_train_loss": loss_val,
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch_size", type=int, default=12)
+    parser.add_argument("--eval_batches", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    res = run(steps=args.steps, batch_size=args.batch_size,
+              eval_batches=args.eval_batches, threads=args.threads)
+    print(json.dumps(res))
+    for k, v in res.items():
+        print(f"{k:>16}  {v:.4g}" if isinstance(v, float) else f"{k:>16}  {v}")
+
+
+if __name__ == "__main__":
+    main()

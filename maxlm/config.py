@@ -1,0 +1,230 @@
+"""Experiment configuration: the schema with its defaults, and validation.
+
+Configs are ``ml_collections.ConfigDict`` files in ``configs/`` (the absl
+``config_flags`` style). Each preset starts from :func:`base_config` and
+overrides what it needs; the command line overrides any key with
+``--config.a.b=value``. :func:`validate` checks the resolved config once, at
+start-up, and raises :class:`ConfigError` with one line naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import sys
+from collections.abc import Sequence
+
+import ml_collections
+from absl import flags
+
+from maxlm.sharding import DEFAULT_RULES, resolve_mesh_shape
+
+ConfigDict = ml_collections.ConfigDict
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key."""
+
+
+def base_config() -> ConfigDict:
+    """Every key maxlm reads, with its default. Presets override a subset."""
+    c = ConfigDict()
+    c.seed = 0
+    c.init_from = ""  # a maxlm workdir or checkpoint dir: load params only (fine-tuning)
+
+    c.model = ConfigDict(dict(
+        vocab_size=0,  # 0: taken from the tokenizer
+        d_model=128,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=0,  # 0: = num_heads (MHA); 1: MQA; in between: GQA
+        head_dim=0,  # 0: d_model // num_heads
+        d_ff=0,  # 0: 4 * d_model
+        max_seq_len=1024,  # size of the learned position table; a bound for RoPE models too
+        norm="rmsnorm",  # rmsnorm | layernorm
+        norm_eps=1e-5,
+        norm_position="pre",  # pre | post (OPT-350m)
+        position="rope",  # rope | learned | none
+        rope_theta=10000.0,
+        position_offset=0,  # learned positions: OPT uses 2
+        mlp="swiglu",  # swiglu | gelu | relu
+        use_bias=False,
+        tie_embeddings=False,
+        dropout=0.0,
+        param_dtype="float32",
+        compute_dtype="float32",  # float32 | bfloat16 | float16
+        init_std=0.02,
+        scale_residual_init=True,  # output projections: std / sqrt(2 * num_layers)
+        attention="auto",  # xla | cudnn | pallas | auto
+        sliding_window=0,  # 0: off; W: each query sees its last W keys
+        remat="none",  # none | full | dots
+        scan_layers=True,
+    ))
+
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules=DEFAULT_RULES))
+
+    c.data = ConfigDict(dict(
+        source="builtin:tinyshakespeare",
+        tokenizer="char",  # char: a sentencepiece char model trained on the source; or a .model path
+        val_fraction=0.1,
+        on_bad_record="error",  # error | skip
+        cache_dir="",  # tokenizer cache; "": WORKDIR/cache
+    ))
+
+    c.train = ConfigDict(dict(
+        objective="pretrain",
+        steps=1000,
+        batch_size=32,  # global, in sequences
+        seq_len=256,
+        grad_accum=1,  # micro-batches per step; batch_size must divide by it
+        lr=3e-4,
+        schedule="cosine",  # cosine | linear | constant
+        warmup_steps=100,
+        min_lr_ratio=0.1,  # decay floor as a fraction of lr (OPT: 0.1)
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        weight_decay=0.1,
+        decay_embeddings=False,  # weight decay on embedding tables too
+        clip_norm=1.0,  # 0: off
+        z_loss=0.0,
+        log_every=10,
+        eval_every=500,  # 0: only at the end
+        eval_batches=20,
+    ))
+
+    c.checkpoint = ConfigDict(dict(
+        every_steps=1000,  # 0: off
+        every_minutes=0.0,  # 0: off
+        keep_last=3,
+        keep_every=0,  # keep every P-th step permanently; 0: none
+        async_save=True,
+    ))
+
+    c.sample = ConfigDict(dict(prompt="\n", num_tokens=200, temperature=0.8, top_k=0))
+    return c
+
+
+_CHOICES = {
+    "model.norm": ("rmsnorm", "layernorm"),
+    "model.norm_position": ("pre", "post"),
+    "model.position": ("rope", "learned", "none"),
+    "model.mlp": ("swiglu", "gelu", "relu"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16", "float16"),
+    "model.attention": ("xla", "cudnn", "pallas", "auto"),
+    "model.remat": ("none", "full", "dots"),
+    "train.objective": ("pretrain",),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "data.on_bad_record": ("error", "skip"),
+}
+
+
+def _get(config: ConfigDict, key: str):
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate(config: ConfigDict, num_devices: int) -> None:
+    """Checks choices, positivity and cross-field constraints. Raises ConfigError."""
+    for key, choices in _CHOICES.items():
+        if _get(config, key) not in choices:
+            raise ConfigError(f"{key}={_get(config, key)!r} is not one of {', '.join(choices)}")
+    m, t = config.model, config.train
+    for key in ("model.d_model", "model.num_layers", "model.num_heads", "train.steps",
+                "train.batch_size", "train.seq_len", "train.grad_accum", "train.log_every",
+                "train.eval_batches"):
+        if _get(config, key) <= 0:
+            raise ConfigError(f"{key}={_get(config, key)} must be positive")
+    if m.num_kv_heads < 0 or m.head_dim < 0 or m.d_ff < 0 or m.vocab_size < 0:
+        raise ConfigError("model.num_kv_heads, model.head_dim, model.d_ff and model.vocab_size must be >= 0")
+    if not m.head_dim and m.d_model % m.num_heads:
+        raise ConfigError(f"model.num_heads={m.num_heads} does not divide model.d_model={m.d_model} "
+                          "(or set model.head_dim)")
+    kv = m.num_kv_heads or m.num_heads
+    if m.num_heads % kv:
+        raise ConfigError(f"model.num_kv_heads={kv} does not divide model.num_heads={m.num_heads}")
+    if m.position == "rope" and (m.head_dim or m.d_model // m.num_heads) % 2:
+        raise ConfigError("model.position=rope needs an even head dimension")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if m.sliding_window < 0:
+        raise ConfigError(f"model.sliding_window={m.sliding_window} must be >= 0")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if m.compute_dtype == "float16":
+        raise ConfigError("model.compute_dtype=float16 needs dynamic loss scaling, which is not wired yet; "
+                          "use bfloat16")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.grad_accum={t.grad_accum} does not divide train.batch_size={t.batch_size}")
+    if not 0 <= t.warmup_steps < t.steps:
+        raise ConfigError(f"train.warmup_steps={t.warmup_steps} must be in [0, train.steps={t.steps})")
+    if not 0.0 <= t.min_lr_ratio <= 1.0:
+        raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    if t.eval_every < 0 or t.clip_norm < 0 or t.z_loss < 0:
+        raise ConfigError("train.eval_every, train.clip_norm and train.z_loss must be >= 0")
+    if not 0.0 < config.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={config.data.val_fraction} must be in (0, 1)")
+    try:
+        shape = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    data, fsdp, tensor = shape
+    micro = t.batch_size // t.grad_accum
+    if micro % (data * fsdp):
+        raise ConfigError(f"train.batch_size/train.grad_accum={micro} is not divisible by the "
+                          f"mesh's data*fsdp={data * fsdp}")
+    if m.num_heads % tensor or kv % tensor:
+        raise ConfigError(f"mesh.tensor={tensor} must divide model.num_heads={m.num_heads} "
+                          f"and model.num_kv_heads={kv}")
+    c = config.checkpoint
+    if c.every_steps < 0 or c.every_minutes < 0 or c.keep_last < 1 or c.keep_every < 0:
+        raise ConfigError("checkpoint.every_steps/every_minutes/keep_every must be >= 0 and keep_last >= 1")
+
+
+def to_json(config: ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def parse_flags_or_exit(argv: Sequence[str]) -> list[str]:
+    """absl flag parser that turns config override errors into one clear line.
+
+    ml_collections raises an AttributeError with a traceback for a misspelled
+    key; researchers should see the key and the closest valid name instead.
+    """
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
+        bad = [a.split("=")[0][2:] for a in argv[1:] if a.startswith("--config.")]
+        for key in bad:
+            if _unknown(flags.FLAGS["config"].value if "config" in flags.FLAGS else None, key[len("config."):]):
+                message = _unknown_key_message(flags.FLAGS["config"].value, key[len("config."):])
+                break
+        print(f"config error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _unknown(config: ConfigDict | None, key: str) -> bool:
+    if config is None:
+        return False
+    try:
+        _get(config, key)
+        return False
+    except (KeyError, AttributeError):
+        return True
+
+
+def _unknown_key_message(config: ConfigDict, key: str) -> str:
+    parts = key.split(".")
+    node, prefix = config, []
+    for part in parts:
+        if not isinstance(node, ConfigDict) or part not in node:
+            options = list(node.keys()) if isinstance(node, ConfigDict) else []
+            close = difflib.get_close_matches(part, options, n=1)
+            hint = f" (did you mean {'.'.join(prefix + close)!r}?)" if close else ""
+            return f"unknown config key {key!r}{hint}"
+        node, prefix = node[part], prefix + [part]
+    return f"bad value for config key {key!r}"

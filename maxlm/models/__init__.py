@@ -1,0 +1,61 @@
+"""The model as pure functions over a params pytree.
+
+``Model.init(rng) -> params`` and ``Model.apply(params, tokens, positions,
+segment_ids) -> (logits, aux)`` hide NNX's split/merge, so training, LoRA, the
+DPO reference and per-example gradients all work on plain nested dicts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from maxlm import sharding
+from maxlm.models.transformer import ModelConfig, Transformer
+from maxlm.sharding import Rules
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    cfg: ModelConfig
+    rules: Rules
+    graphdef: Any
+    abstract_state: nnx.State
+
+    def init(self, rng: jax.Array) -> Params:
+        """Fresh params as a nested dict. Run it under ``jax.jit(out_shardings=...)``."""
+        with nnx.use_eager_sharding(False):
+            module = Transformer(self.cfg, self.rules, rngs=nnx.Rngs(params=rng))
+        return nnx.split(module)[1].to_pure_dict()
+
+    def apply(self, params: Params, tokens, positions, segment_ids, dropout_rng=None):
+        """Float32 logits ``[batch, len, vocab]`` and an aux dict of diagnostics."""
+        state = jax.tree.map(lambda x: x, self.abstract_state)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state)(tokens, positions, segment_ids, dropout_rng)
+
+    def abstract_params(self) -> Params:
+        return self.abstract_state.to_pure_dict()
+
+    def logical_specs(self) -> Params:
+        """Logical axis names of every parameter, as PartitionSpecs."""
+        return nnx.get_partition_spec(self.abstract_state).to_pure_dict()
+
+    def param_specs(self) -> Params:
+        """Mesh PartitionSpecs of every parameter under this model's rules."""
+        return jax.tree.map(lambda s: sharding.logical_to_spec(tuple(s), self.rules), self.logical_specs(),
+                            is_leaf=lambda x: isinstance(x, P))
+
+
+def build_model(cfg: ModelConfig, rules: Rules = sharding.DEFAULT_RULES) -> Model:
+    """Traces the module abstractly (no memory) to get its graph and param shapes."""
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: Transformer(cfg, rules, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    return Model(cfg, tuple(tuple(r) for r in rules), graphdef, state)

@@ -1,0 +1,104 @@
+"""Attention implementations behind one function, chosen by ``model.attention``.
+
+All take BTNH arrays: q ``[batch, q_len, heads, head_dim]``, k/v
+``[batch, kv_len, kv_heads, head_dim]`` with ``heads % kv_heads == 0`` (GQA
+without repeating K/V), and ``segment_ids`` ``[batch, len]`` (0 = padding;
+tokens attend only inside their own segment).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from jax.sharding import PartitionSpec as P
+
+from maxlm import sharding
+from maxlm.sharding import Rules
+
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "auto")
+
+
+def attention_mask(q_segments, kv_segments, q_positions, kv_positions, *, causal: bool,
+                   sliding_window: int) -> jax.Array:
+    """Boolean ``[batch, q_len, kv_len]`` mask: same segment, causal, inside the window."""
+    mask = q_segments[:, :, None] == kv_segments[:, None, :]
+    if causal:
+        mask &= kv_positions[:, None, :] <= q_positions[:, :, None]
+    if sliding_window:
+        mask &= kv_positions[:, None, :] > q_positions[:, :, None] - sliding_window
+    return mask
+
+
+def xla_attention(q, k, v, mask, *, scale: float) -> jax.Array:
+    """Plain einsum softmax attention in float32; K/V heads are shared by groups of q heads."""
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def cudnn_attention(q, k, v, mask, *, scale: float) -> jax.Array:
+    """jax.nn.dot_product_attention's cuDNN path (GPU only); masks become a dense bias."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale, implementation="cudnn")
+
+
+@functools.cache
+def _log_fallback_once(reason: str) -> None:
+    logging.info("model.attention=auto: using xla attention (%s)", reason)
+
+
+def resolve_implementation(impl: str, q_shape, kv_shape, dtype) -> str:
+    """Turns ``auto`` into a concrete choice: pallas where supported on GPU/TPU, else xla."""
+    if impl != "auto":
+        return impl
+    backend = jax.default_backend()
+    if backend not in ("gpu", "tpu"):
+        return "xla"
+    from maxlm.kernels import flash_attention_supported
+    reason = flash_attention_supported(q_shape, kv_shape, dtype, backend)
+    if reason:
+        _log_fallback_once(reason)
+        return "xla"
+    return "pallas"
+
+
+def _pallas_attention(q, k, v, segment_ids, *, causal, sliding_window, scale, rules: Rules):
+    """Our Pallas flash kernel, run per shard under shard_map when a mesh is set."""
+    from maxlm.kernels import flash_attention
+
+    kernel = functools.partial(flash_attention, causal=causal, sliding_window=sliding_window or None,
+                               scale=scale)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel(q, k, v, segment_ids=segment_ids)
+    qkv_spec = sharding.logical_to_spec(
+        ("activation_batch", "activation_length", "activation_heads", None), rules)
+    kv_spec = sharding.logical_to_spec(
+        ("activation_batch", "activation_length", "activation_kv_heads", None), rules)
+    seg_spec = P(qkv_spec[0], None)
+    return jax.shard_map(
+        lambda q, k, v, s: kernel(q, k, v, segment_ids=s), mesh=mesh,
+        in_specs=(qkv_spec, kv_spec, kv_spec, seg_spec), out_specs=qkv_spec, check_vma=False,
+    )(q, k, v, segment_ids)
+
+
+def attention(q, k, v, *, segment_ids, positions, impl: str, causal: bool = True,
+              sliding_window: int = 0, rules: Rules = sharding.DEFAULT_RULES) -> jax.Array:
+    """Self-attention over one packed sequence batch (q, k, v share positions/segments)."""
+    scale = q.shape[-1] ** -0.5
+    impl = resolve_implementation(impl, q.shape, k.shape, q.dtype)
+    if impl == "pallas":
+        return _pallas_attention(q, k, v, segment_ids, causal=causal, sliding_window=sliding_window,
+                                 scale=scale, rules=rules)
+    mask = attention_mask(segment_ids, segment_ids, positions, positions, causal=causal,
+                          sliding_window=sliding_window)
+    if impl == "cudnn":
+        return cudnn_attention(q, k, v, mask, scale=scale)
+    return xla_attention(q, k, v, mask, scale=scale)

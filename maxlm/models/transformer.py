@@ -1,0 +1,274 @@
+"""One decoder-only transformer whose variants (Llama, OPT, GPT-2 ...) come from config.
+
+Parameters carry logical axis names (see ``maxlm/sharding.py``). The layers are
+stored stacked along a leading ``layers`` axis, so scanning over them or
+unrolling them uses the same parameters, and checkpoints do not depend on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from maxlm import sharding
+from maxlm.models.attention import attention
+from maxlm.sharding import Rules
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The resolved model shape and variant (no 0 = 'default' sentinels left)."""
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_seq_len: int = 1024
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"
+    position: str = "rope"
+    rope_theta: float = 10000.0
+    position_offset: int = 0
+    mlp: str = "swiglu"
+    use_bias: bool = False
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    init_std: float = 0.02
+    scale_residual_init: bool = True
+    attention: str = "auto"
+    sliding_window: int = 0
+    remat: str = "none"
+    scan_layers: bool = True
+
+    @classmethod
+    def from_config(cls, model_cfg, vocab_size: int | None = None) -> "ModelConfig":
+        c = dict(model_cfg)
+        c["vocab_size"] = c["vocab_size"] or vocab_size or 0
+        if not c["vocab_size"]:
+            raise ValueError("model.vocab_size is 0 and no tokenizer gave one")
+        c["num_kv_heads"] = c["num_kv_heads"] or c["num_heads"]
+        c["head_dim"] = c["head_dim"] or c["d_model"] // c["num_heads"]
+        c["d_ff"] = c["d_ff"] or 4 * c["d_model"]
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in c.items() if k in names})
+
+    @property
+    def dtype(self):
+        return DTYPES[self.compute_dtype]
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Parameter count (used for MFU's 6N)."""
+        d, h, k, hd, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.d_ff
+        attn = d * hd * (h + 2 * k) + h * hd * d + (hd * (h + 2 * k) + d if self.use_bias else 0)
+        mlp = (3 if self.mlp == "swiglu" else 2) * d * f + ((f + d) if self.use_bias else 0)
+        norms = (2 if self.norm == "layernorm" else 1) * d * 2
+        total = self.num_layers * (attn + mlp + norms)
+        if include_embeddings:
+            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+            total += (self.max_seq_len + self.position_offset) * d if self.position == "learned" else 0
+        return total
+
+
+def _param(rngs: nnx.Rngs, shape, names, std: float, dtype) -> nnx.Param:
+    init = jax.nn.initializers.normal(std) if std else jax.nn.initializers.zeros
+    return nnx.Param(init(rngs.params(), shape, DTYPES[dtype]), sharding=names)
+
+
+def _ones(shape, names, dtype) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, DTYPES[dtype]), sharding=names)
+
+
+class Norm(nnx.Module):
+    """RMSNorm or LayerNorm over the last axis, computed in float32."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.kind, self.eps = cfg.norm, cfg.norm_eps
+        self.scale = _ones((cfg.d_model,), ("norm",), cfg.param_dtype)
+        if cfg.norm == "layernorm":
+            self.bias = nnx.Param(jnp.zeros((cfg.d_model,), DTYPES[cfg.param_dtype]), sharding=("norm",))
+
+    def __call__(self, x):
+        dtype, x = x.dtype, x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x = x - x.mean(-1, keepdims=True)
+        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+        if self.kind == "layernorm":
+            x = x + self.bias[...]
+        return x.astype(dtype)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding, rotate-half convention (as in HF Llama); positions in float32."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[..., None] * freqs  # [b, t, half]
+    cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+def _dropout(x, rate: float, rng):
+    if not rate or rng is None:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rules: Rules, rngs: nnx.Rngs):
+        self.cfg, self.rules = cfg, rules
+        d, h, k, hd, p = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scale_residual_init else cfg.init_std
+        self.wq = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), cfg.init_std, p)
+        self.wk = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg.init_std, p)
+        self.wv = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg.init_std, p)
+        self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std, p)
+        if cfg.use_bias:
+            self.bq = _param(rngs, (h, hd), ("heads", "head_dim"), 0.0, p)
+            self.bk = _param(rngs, (k, hd), ("kv_heads", "head_dim"), 0.0, p)
+            self.bv = _param(rngs, (k, hd), ("kv_heads", "head_dim"), 0.0, p)
+            self.bo = _param(rngs, (d,), ("embed",), 0.0, p)
+
+    def __call__(self, x, positions, segment_ids):
+        cfg, dt = self.cfg, self.cfg.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+        if cfg.use_bias:
+            q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
+        if cfg.position == "rope":
+            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        heads = ("activation_batch", "activation_length", "activation_heads", None)
+        q = sharding.constrain(q, heads, self.rules)
+        out = attention(q, k, v, segment_ids=segment_ids, positions=positions, impl=cfg.attention,
+                        sliding_window=cfg.sliding_window, rules=self.rules)
+        out = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
+        return out + self.bo[...].astype(dt) if cfg.use_bias else out
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rules: Rules, rngs: nnx.Rngs):
+        self.cfg, self.rules = cfg, rules
+        d, f, p = cfg.d_model, cfg.d_ff, cfg.param_dtype
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers) if cfg.scale_residual_init else cfg.init_std
+        if cfg.mlp == "swiglu":
+            self.w_gate = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, p)
+        self.w_up = _param(rngs, (d, f), ("embed", "mlp"), cfg.init_std, p)
+        self.w_down = _param(rngs, (f, d), ("mlp", "embed"), out_std, p)
+        if cfg.use_bias:
+            self.b_up = _param(rngs, (f,), ("mlp",), 0.0, p)
+            self.b_down = _param(rngs, (d,), ("embed",), 0.0, p)
+
+    def __call__(self, x):
+        cfg, dt = self.cfg, self.cfg.dtype
+        h = x @ self.w_up[...].astype(dt)
+        if cfg.use_bias:
+            h = h + self.b_up[...].astype(dt)
+        if cfg.mlp == "swiglu":
+            h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * h
+        elif cfg.mlp == "gelu":
+            h = jax.nn.gelu(h, approximate=True)
+        else:
+            h = jax.nn.relu(h)
+        h = sharding.constrain(h, ("activation_batch", "activation_length", "activation_mlp"), self.rules)
+        out = h @ self.w_down[...].astype(dt)
+        return out + self.b_down[...].astype(dt) if cfg.use_bias else out
+
+
+class Block(nnx.Module):
+    """One residual block; pre-norm (Llama, GPT-2, most OPT) or post-norm (OPT-350m)."""
+
+    def __init__(self, cfg: ModelConfig, rules: Rules, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attn_norm, self.mlp_norm = Norm(cfg), Norm(cfg)
+        self.attn, self.mlp = Attention(cfg, rules, rngs), MLP(cfg, rules, rngs)
+
+    def __call__(self, x, positions, segment_ids, dropout_rng=None):
+        rate = self.cfg.dropout
+        rngs = jax.random.split(dropout_rng, 2) if dropout_rng is not None else (None, None)
+        if self.cfg.norm_position == "pre":
+            x = x + _dropout(self.attn(self.attn_norm(x), positions, segment_ids), rate, rngs[0])
+            return x + _dropout(self.mlp(self.mlp_norm(x)), rate, rngs[1])
+        x = self.attn_norm(x + _dropout(self.attn(x, positions, segment_ids), rate, rngs[0]))
+        return self.mlp_norm(x + _dropout(self.mlp(x), rate, rngs[1]))
+
+
+class Transformer(nnx.Module):
+    """Token (+ position) embedding, ``num_layers`` blocks, final norm, LM head."""
+
+    def __init__(self, cfg: ModelConfig, rules: Rules = sharding.DEFAULT_RULES, *, rngs: nnx.Rngs):
+        self.cfg, self.rules = cfg, rules
+        p = cfg.param_dtype
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, p)
+        if cfg.position == "learned":
+            self.pos_embed = _param(rngs, (cfg.max_seq_len + cfg.position_offset, cfg.d_model),
+                                    (None, "embed"), cfg.init_std, p)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.num_layers,
+                  transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rules, rngs)
+
+        self.blocks = make_blocks(rngs)
+        if cfg.norm_position == "pre":
+            self.final_norm = Norm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, p)
+
+    def __call__(self, tokens, positions, segment_ids, dropout_rng=None):
+        """Returns float32 logits ``[batch, len, vocab]`` and the last block's output norm."""
+        cfg, dt = self.cfg, self.cfg.dtype
+        act = ("activation_batch", "activation_length", "activation_embed")
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        if cfg.position == "learned":
+            x = x + jnp.take(self.pos_embed[...], positions + cfg.position_offset, axis=0).astype(dt)
+        x = _dropout(x, cfg.dropout, dropout_rng)
+        x = sharding.constrain(x, act, self.rules)
+        x = self._run_blocks(x, positions, segment_ids, dropout_rng)
+        last_norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), -1)).mean()
+        if cfg.norm_position == "pre":
+            x = self.final_norm(x)
+        head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+        logits = sharding.constrain(logits, ("activation_batch", "activation_length", "activation_vocab"),
+                                    self.rules)
+        return logits, {"last_layer_act_norm": last_norm}
+
+    def _run_blocks(self, x, positions, segment_ids, dropout_rng):
+        graphdef, stacked = nnx.split(self.blocks)
+        act = ("activation_batch", "activation_length", "activation_embed")
+
+        def one_block(x, layer):
+            params, index = layer
+            rng = jax.random.fold_in(dropout_rng, index) if dropout_rng is not None else None
+            y = nnx.merge(graphdef, params)(x, positions, segment_ids, rng)
+            return sharding.constrain(y, act, self.rules), None
+
+        policy = REMAT_POLICIES[self.cfg.remat]
+        if self.cfg.remat != "none":
+            one_block = jax.checkpoint(one_block, policy=policy, prevent_cse=not self.cfg.scan_layers)
+        indices = jnp.arange(self.cfg.num_layers)
+        if self.cfg.scan_layers:
+            x, _ = jax.lax.scan(one_block, x, (stacked, indices))
+            return x
+        for i in range(self.cfg.num_layers):
+            x, _ = one_block(x, (jax.tree.map(lambda a: a[i], stacked), indices[i]))
+        return x

@@ -1,0 +1,117 @@
+"""Device mesh, logical-axis rules and helpers that shard pytrees and batches.
+
+Every parameter and main activation in maxlm carries *logical* axis names
+(``embed``, ``heads``, ``activation_batch`` ...). A rules table maps each
+logical name to zero or more *mesh* axes (``data``, ``fsdp``, ``tensor``).
+Changing the parallelism layout of a run is therefore a config change only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical name -> mesh axes (a str, a tuple of str, or None = replicated).
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+DEFAULT_RULES: Rules = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    # activations
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
+)
+
+
+def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+    """Fills the single -1 entry with the remaining devices; checks the product."""
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ValueError("mesh: at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    for name, size in zip(MESH_AXES, shape):
+        if size == 0 or size < -1:
+            raise ValueError(f"mesh.{name}={size}: sizes must be positive or -1")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh: {num_devices} devices cannot be split as data={data}, fsdp={fsdp}, tensor={tensor}")
+        shape[shape.index(-1)] = num_devices // known
+    if int(np.prod(shape)) != num_devices:
+        raise ValueError(
+            f"mesh: data*fsdp*tensor = {int(np.prod(shape))} but {num_devices} devices are available "
+            f"(mesh.data={data}, mesh.fsdp={fsdp}, mesh.tensor={tensor})")
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh in Auto mode, so XLA propagates the shardings."""
+    devices = list(devices if devices is not None else jax.devices())
+    shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def logical_to_spec(names: Sequence[str | None] | None, rules: Rules) -> P:
+    """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once."""
+    if not names:
+        return P()
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name in names:
+        if name is not None and name not in table:
+            raise KeyError(f"logical axis {name!r} has no entry in mesh.rules")
+        axes = table.get(name) if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        axes = tuple(a for a in axes if a not in used)
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return P(*spec)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules) -> jax.Array:
+    """Sharding constraint on an activation; a no-op outside a mesh context."""
+    if jax.sharding.get_abstract_mesh().empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
+
+
+def named_shardings(mesh: Mesh, specs):
+    """PartitionSpec pytree -> NamedSharding pytree."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_spec(rules: Rules) -> P:
+    """Spec of a [batch, seq] data array."""
+    return logical_to_spec(("activation_batch", "activation_length"), rules)
+
+
+def batch_shards(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the batch dimension is split over the mesh."""
+    axes = batch_spec(rules)[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
+    """Assembles each process's local rows into global arrays sharded over the batch axes."""
+    sharding = NamedSharding(mesh, batch_spec(rules))
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

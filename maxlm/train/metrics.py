@@ -1,0 +1,78 @@
+"""Metrics: metrics.jsonl, TensorBoard events, a console progress bar, and MFU.
+
+MFU counts model FLOPs per token as ``6N + 12·L·H·Q·T`` (PaLM appendix B):
+N = non-embedding parameters plus the LM head, L layers, H heads, Q head dim,
+T sequence length. Peaks are dense bf16 datasheet numbers per chip; on a
+device not in the table (e.g. CPUs) ``mfu`` is ``null``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
+
+from maxlm.models.transformer import ModelConfig
+
+# device_kind substring -> peak dense bf16 FLOP/s per chip.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 197e12,  # v5e ("TPU v5 lite")
+    "TPU v4": 275e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    n = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.d_model
+    return 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+
+
+class MetricsWriter:
+    """Writes one JSON line per log/eval step, TensorBoard scalars, and a tqdm progress line."""
+
+    def __init__(self, workdir: str, total_steps: int, start_step: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard")) if enabled else None
+        self._bar = tqdm(total=total_steps, initial=start_step, disable=not enabled, dynamic_ncols=True,
+                         file=sys.stderr, mininterval=1.0, desc="train")
+
+    def write(self, step: int, metrics: dict[str, float | None]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **metrics}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self._tb.add_scalar(key, value, step)
+        shown = {k: f"{v:.4g}" for k, v in metrics.items()
+                 if k in ("loss", "val_loss", "lr", "grad_norm", "tokens_per_sec") and v is not None}
+        self._bar.set_postfix(shown, refresh=False)
+        self._bar.n = step
+        self._bar.refresh()
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self._bar.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._bar.close()
+            self._jsonl.close()
+            self._tb.close()

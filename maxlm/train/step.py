@@ -1,0 +1,128 @@
+"""Train state, its shardings, and the jitted train / eval steps.
+
+``TrainState`` is a plain dict pytree ``{step, params, opt_state, rng}``.
+``make_train_step`` turns any objective into a ``jax.jit``-ed step with
+explicit in/out shardings and a donated state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from maxlm import sharding
+from maxlm.models import Model
+from maxlm.train.objectives import Objective
+from maxlm.train.optimizer import current_lr
+
+TrainState = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """Abstract shapes and NamedShardings of the train state on a mesh."""
+
+    abstract: TrainState  # leaves: jax.ShapeDtypeStruct with .sharding
+    shardings: TrainState
+
+    @property
+    def param_shardings(self):
+        return self.shardings["params"]
+
+
+def state_layout(model: Model, tx: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
+    param_specs = model.param_specs()
+    abstract_params = model.abstract_params()
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt, param_specs,
+                                      transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
+    specs = {"step": P(), "params": param_specs, "opt_state": opt_specs, "rng": P()}
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+                "opt_state": abstract_opt, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    shardings = sharding.named_shardings(mesh, specs)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return StateLayout(abstract, shardings)
+
+
+def init_state(model: Model, tx: optax.GradientTransformation, layout: StateLayout, seed: int,
+               params=None) -> TrainState:
+    """Creates the state directly with its shardings (no full copy on one device).
+
+    ``params`` (already sharded, e.g. from ``init_from``) replaces the random init.
+    """
+    def init(rng, params):
+        param_rng, dropout_rng = jax.random.split(rng)
+        if params is None:
+            params = model.init(param_rng)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                "rng": jax.random.key_data(dropout_rng)}
+
+    rng = jax.random.key(seed)
+    return jax.jit(init, out_shardings=layout.shardings)(rng, params)
+
+
+def _split_micro_batches(batch, num: int):
+    """[B, ...] -> [num, B/num, ...], taking rows i, i+num, ... so each micro-batch spans all shards."""
+    return jax.tree.map(lambda x: x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def make_train_step(objective: Objective, tx: optax.GradientTransformation, layout: StateLayout,
+                    mesh: Mesh, rules, *, grad_accum: int = 1):
+    """``step(state, batch) -> (state, metrics)`` compiled with explicit shardings; ``state`` is donated."""
+
+    def train_step(state: TrainState, batch):
+        params = state["params"]
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        normalizer = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+
+        if grad_accum == 1:
+            (_, metrics), grads = grad_fn(params, batch, rng)
+        else:
+            micro_batches = _split_micro_batches(batch, grad_accum)
+
+            def accumulate(carry, index):
+                micro = jax.tree.map(lambda x: x[index], micro_batches)
+                out = grad_fn(params, micro, jax.random.fold_in(rng, index))
+                return jax.tree.map(jnp.add, carry, out), None
+
+            shapes = jax.eval_shape(
+                lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro_batches), rng))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            ((_, metrics), grads), _ = jax.lax.scan(accumulate, zeros, jnp.arange(grad_accum))
+            metrics = dict(metrics, last_layer_act_norm=metrics["last_layer_act_norm"] / grad_accum)
+
+        grads = jax.tree.map(lambda g: g / normalizer, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+                     "opt_state": opt_state, "rng": state["rng"]}
+        out = {
+            "loss": metrics["loss_sum"] / normalizer,
+            "z_loss": metrics["z_loss_sum"] / normalizer,
+            "grad_norm": optax.global_norm(grads),
+            "lr": current_lr(opt_state),
+            "num_tokens": metrics["num_tokens"],
+            "last_layer_act_norm": metrics["last_layer_act_norm"],
+        }
+        return new_state, out
+
+    batch_sharding = NamedSharding(mesh, sharding.batch_spec(rules))
+    return jax.jit(train_step, in_shardings=(layout.shardings, batch_sharding),
+                   out_shardings=(layout.shardings, NamedSharding(mesh, P())), donate_argnums=0)
+
+
+def make_eval_step(objective: Objective, layout: StateLayout, mesh: Mesh, rules):
+    """``eval_step(params, batch) -> {loss_sum, num_tokens}`` (no dropout)."""
+
+    def eval_step(params, batch):
+        _, metrics = objective(params, batch, None)
+        return {"loss_sum": metrics["loss_sum"], "num_tokens": metrics["num_tokens"]}
+
+    batch_sharding = NamedSharding(mesh, sharding.batch_spec(rules))
+    return jax.jit(eval_step, in_shardings=(layout.param_shardings, batch_sharding),
+                   out_shardings=NamedSharding(mesh, P()))
