@@ -85,24 +85,33 @@ def _codepoints(text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
 
 
-def quality_flags(docs: Sequence[str], min_length: int, max_non_alnum_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+def _segment_sums(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Sums of the consecutive segments of ``values`` with the given lengths (0 for empty ones)."""
+    out = np.zeros(len(lengths), np.int64)
+    nonempty = lengths > 0
+    if nonempty.any():
+        out[nonempty] = np.add.reduceat(values, (np.cumsum(lengths) - lengths)[nonempty], dtype=np.int64)
+    return out
+
+
+def quality_flags(
+    docs: Sequence[str], min_length: int, max_non_alnum_fraction: float, *, chunk_docs: int = 10_000
+) -> tuple[np.ndarray, np.ndarray]:
     """Boolean arrays: too short; too many non-alphanumeric (non-whitespace) characters."""
     too_short = np.fromiter((len(d.strip()) < min_length for d in docs), bool, len(docs))
+    non_alnum = np.zeros(len(docs), bool)
     if max_non_alnum_fraction >= 1.0:
-        return too_short, np.zeros(len(docs), bool)
+        return too_short, non_alnum
     is_alnum, is_space = _char_classes()
-    lengths = np.fromiter((len(d) for d in docs), np.int64, len(docs))
-    cps = _codepoints("".join(docs))
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    nonempty = lengths > 0
-    def per_doc(flags: np.ndarray) -> np.ndarray:
-        out = np.zeros(len(docs), np.int64)
-        out[nonempty] = np.add.reduceat(flags.astype(np.int64), starts[nonempty]) if cps.size else 0
-        return out
-    visible = lengths - per_doc(is_space[cps])
-    alnum = per_doc(is_alnum[cps])
-    non_alnum_fraction = np.where(visible > 0, 1.0 - alnum / np.maximum(visible, 1), 1.0)
-    return too_short, non_alnum_fraction > max_non_alnum_fraction
+    for lo in range(0, len(docs), chunk_docs):
+        part = docs[lo : lo + chunk_docs]
+        lengths = np.fromiter((len(d) for d in part), np.int64, len(part))
+        cps = _codepoints("".join(part))
+        visible = lengths - _segment_sums(is_space[cps], lengths)
+        alnum = _segment_sums(is_alnum[cps], lengths)
+        fraction = np.where(visible > 0, 1.0 - alnum / np.maximum(visible, 1), 1.0)
+        non_alnum[lo : lo + len(part)] = fraction > max_non_alnum_fraction
+    return too_short, non_alnum
 
 
 def _normalise(text: str) -> str:
@@ -196,14 +205,15 @@ def _find(parent: np.ndarray, i: int) -> int:
     return root
 
 
-def near_duplicate_roots(signatures: np.ndarray, candidates: np.ndarray, threshold: float) -> np.ndarray:
-    """For each row, the lowest index of its near-duplicate cluster (itself if none).
+def near_duplicate_roots(signatures: np.ndarray, threshold: float) -> np.ndarray:
+    """For each signature row, the lowest row index of its near-duplicate cluster (itself if none).
 
-    Only rows in ``candidates`` (indices) take part; the others are their own root.
+    Rows without shingles (all ``2**32 - 1``) are never joined to anything.
     """
     n, num_perm = signatures.shape
     bands, rows = lsh_params(threshold, num_perm)
     parent = np.arange(n)
+    candidates = np.flatnonzero((signatures != np.uint32(2**32 - 1)).any(axis=1))
     sig = signatures[candidates]
     pairs = []
     for band in range(bands):
@@ -248,13 +258,11 @@ def deduplicate(docs: Sequence[str], config: DedupConfig = DedupConfig(), *, pro
     alive &= ~exact
     report["exact_duplicates"] = int(exact.sum())
 
-    candidates = np.flatnonzero(alive)
+    candidates = np.flatnonzero(alive)  # ascending, so the lowest row of a cluster is its lowest index
     signatures = minhash_signatures([docs[i] for i in candidates], config, progress=progress)
-    has_shingles = (signatures != np.uint32(2**32 - 1)).any(axis=1)
-    full = np.zeros((n, config.num_perm), np.uint32)
-    full[candidates] = signatures
-    roots = near_duplicate_roots(full, candidates[has_shingles], config.threshold)
-    near = alive & (roots != np.arange(n))
+    roots = near_duplicate_roots(signatures, config.threshold)
+    near = np.zeros(n, bool)
+    near[candidates[roots != np.arange(len(candidates))]] = True
     alive &= ~near
     bands, rows = lsh_params(config.threshold, config.num_perm)
     report.update(near_duplicates=int(near.sum()), kept=int(alive.sum()), lsh_bands=bands, lsh_rows=rows)

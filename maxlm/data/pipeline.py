@@ -9,8 +9,9 @@ Every pipeline returns a ``grain.DatasetIterator``: deterministic for a seed, an
 exactly with ``get_state()``/``set_state()`` (or ``grain.checkpoint.CheckpointSave``).
 
 Multi-host: all processes build the same globally shuffled element order and process ``p`` of
-``S`` takes elements ``p, p+S, p+2S, ...``; its batches have ``batch_size // S`` rows. So the
-global batch at step ``t`` is the same set of rows for any number of processes.
+``S`` takes elements ``p, p+S, p+2S, ...``; its batches have ``batch_size // S`` rows. So for
+windows and mixtures the global batch at step ``t`` is the same set of rows for any number of
+processes (packed rows are packed per process, after the split).
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ def _shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
     return shard_index, shard_count
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +115,7 @@ def pretrain_windows(tokens: np.ndarray, seq_len: int) -> grain.MapDataset:
 
     Windows overlap by one token so every token but the first is a target exactly once.
     """
+    _check_positive(seq_len=seq_len)
     num_windows = (len(tokens) - 1) // seq_len
     if num_windows < 1:
         raise ValueError(f"{len(tokens)} tokens are too few for one window of seq_len+1={seq_len + 1}")
@@ -136,6 +144,7 @@ def batch_iterator(
     ``batch_size`` is global; each process gets ``batch_size // shard_count`` rows per batch.
     Incomplete last batches are dropped so shapes never change.
     """
+    _check_positive(batch_size=batch_size)
     shard_index, shard_count = _shard(shard_index, shard_count)
     if batch_size % shard_count:
         raise ValueError(f"batch_size={batch_size} is not divisible by shard_count={shard_count}")
@@ -272,6 +281,7 @@ def packed_dataset(
     example; ``truncate=True`` cuts long ones, ``on_bad_record='skip'`` skips them (logged with a
     running count). Shuffled with ``seed`` each epoch; ``num_epochs=None`` repeats forever.
     """
+    _check_positive(seq_len=seq_len, batch_size=batch_size)
     shard_index, shard_count = _shard(shard_index, shard_count)
     if batch_size % shard_count:
         raise ValueError(f"batch_size={batch_size} is not divisible by shard_count={shard_count}")
