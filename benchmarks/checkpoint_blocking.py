@@ -6,10 +6,11 @@ The state is `params_millions` float32 parameters (width x width matrices) plus 
 adam moments; the step is a jitted forward/backward of one matmul per matrix over
 `tokens` rows plus the adam update, so its cost scales like a real train step.
 "Blocked" is the time `Checkpointer.save()` takes to return: the loop waits that
-long. Target: blocked < one step for async saving.
+long. Target: blocked < one step for async saving. "Step while saving" is the next
+step, run while the async save writes: on CPU it competes with the writer for the
+cores, and a donated state also waits for the writer to finish reading its buffers.
 """
 
-import functools
 import statistics
 import tempfile
 import time
@@ -25,6 +26,7 @@ _PARAMS_MILLIONS = flags.DEFINE_float('params_millions', 124.0, 'Model size in m
 _WIDTH = flags.DEFINE_integer('width', 1024, 'Each parameter is a width x width matrix.')
 _TOKENS = flags.DEFINE_integer('tokens', 64, 'Rows of the activation matrix per step.')
 _SAVES = flags.DEFINE_integer('saves', 3, 'Saves measured per mode.')
+_DONATE = flags.DEFINE_bool('donate', True, 'Donate the state to the step, as real training does.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where to write checkpoints (default: a temp dir).')
 
 TX = optax.adam(1e-4)
@@ -37,31 +39,32 @@ def _init_state(n_params: int, width: int) -> dict:
           'rng': jax.random.key_data(jax.random.key(1))}
 
 
-@functools.partial(jax.jit, donate_argnums=0)  # like the real step: the old state is freed
-def _train_step(state: dict, x: jax.Array) -> dict:
-  def loss_fn(params):
-    return sum(jnp.mean(jnp.square(x @ w)) for w in params.values())
-  grads = jax.grad(loss_fn)(state['params'])
-  updates, opt_state = TX.update(grads, state['opt_state'], state['params'])
-  return {**state, 'step': state['step'] + 1, 'opt_state': opt_state,
-          'params': optax.apply_updates(state['params'], updates)}
+def _make_train_step(donate: bool):
+  def train_step(state: dict, x: jax.Array) -> dict:
+    def loss_fn(params):
+      return sum(jnp.mean(jnp.square(x @ w)) for w in params.values())
+    grads = jax.grad(loss_fn)(state['params'])
+    updates, opt_state = TX.update(grads, state['opt_state'], state['params'])
+    return {**state, 'step': state['step'] + 1, 'opt_state': opt_state,
+            'params': optax.apply_updates(state['params'], updates)}
+  return jax.jit(train_step, donate_argnums=0 if donate else ())
 
 
-def _timed_step(state: dict, x: jax.Array) -> tuple[dict, float]:
+def _timed_step(train_step, state: dict, x: jax.Array) -> tuple[dict, float]:
   start = time.perf_counter()
-  state = jax.block_until_ready(_train_step(state, x))
+  state = jax.block_until_ready(train_step(state, x))
   return state, time.perf_counter() - start
 
 
-def _measure(workdir: str, async_save: bool, state: dict, x: jax.Array) -> dict:
+def _measure(workdir: str, async_save: bool, train_step, state: dict, x: jax.Array) -> dict:
   ckpt = Checkpointer(workdir, keep_last=1, async_save=async_save)
   blocked, during, done = [], [], []
   for _ in range(_SAVES.value):
-    state, _ = _timed_step(state, x)
+    state, _ = _timed_step(train_step, state, x)
     start = time.perf_counter()
     ckpt.save(int(state['step']), state, force=True)
     blocked.append(time.perf_counter() - start)
-    state, step_time = _timed_step(state, x)  # runs while an async save writes
+    state, step_time = _timed_step(train_step, state, x)  # runs while an async save writes
     during.append(step_time)
     ckpt.wait()
     done.append(time.perf_counter() - start)
@@ -71,30 +74,33 @@ def _measure(workdir: str, async_save: bool, state: dict, x: jax.Array) -> dict:
 
 def main(argv):
   del argv
+  train_step = _make_train_step(_DONATE.value)
   state = _init_state(int(_PARAMS_MILLIONS.value * 1e6), _WIDTH.value)
   x = jax.random.normal(jax.random.key(2), (_TOKENS.value, _WIDTH.value))
   for _ in range(2):  # compile, warm up the allocator
-    state, _ = _timed_step(state, x)
+    state, _ = _timed_step(train_step, state, x)
   step_times = []
   for _ in range(5):
-    state, t = _timed_step(state, x)
+    state, t = _timed_step(train_step, state, x)
     step_times.append(t)
   step = statistics.median(step_times)
   n_params = sum(p.size for p in state['params'].values())
   gbytes = sum(a.nbytes for a in jax.tree.leaves(state)) / 1e9
 
-  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='ckpt_bench_')
   print(f'device: {jax.devices()[0].device_kind} x{jax.device_count()}, '
-        f'params: {n_params / 1e6:.0f}M, state: {gbytes:.2f} GB, step: {step:.3f} s (median of 5)')
+        f'params: {n_params / 1e6:.0f}M, state: {gbytes:.2f} GB, donate: {_DONATE.value}, '
+        f'step: {step:.3f} s (median of 5)')
   print('| mode | blocked per save, s (median / max) | blocked / step | '
         'step while saving, s | save on disk after, s |')
   print('|---|---|---|---|---|')
-  for mode in ('async', 'sync'):
-    r = _measure(f'{workdir}/{mode}', mode == 'async', state, x)
-    state = r['state']
-    blocked = statistics.median(r['blocked'])
-    print(f'| {mode} | {blocked:.3f} / {max(r["blocked"]):.3f} | {blocked / step:.2f} | '
-          f'{statistics.median(r["during"]):.3f} | {statistics.median(r["done"]):.3f} |')
+  with tempfile.TemporaryDirectory(prefix='ckpt_bench_') as tmp:
+    workdir = _WORKDIR.value or tmp
+    for mode in ('async', 'sync'):
+      r = _measure(f'{workdir}/{mode}', mode == 'async', train_step, state, x)
+      state = r['state']
+      blocked = statistics.median(r['blocked'])
+      print(f'| {mode} | {blocked:.3f} / {max(r["blocked"]):.3f} | {blocked / step:.2f} | '
+            f'{statistics.median(r["during"]):.3f} | {statistics.median(r["done"]):.3f} |')
 
 
 if __name__ == '__main__':

@@ -7,9 +7,9 @@ Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`.
 
 Orbax writes each step to `<step>.orbax-checkpoint-tmp` and renames it when complete,
 so a half-written step is never listed. A listed step that still fails to read
-(truncated or deleted files) is moved to `WORKDIR/quarantine/<step>-<time>` and the
-previous step is used. A checkpoint whose shapes differ from what the config asks for
-is a user error, not corruption: it raises `CheckpointMismatchError` and is kept.
+(truncated or deleted files) is moved to `WORKDIR/quarantine/<step>-<time>` once an
+older step has restored instead. A checkpoint whose shapes differ from what the
+config asks for is a user error, not corruption: `CheckpointMismatchError`, kept.
 Nothing here unpickles: Orbax stores arrays with TensorStore and metadata as JSON.
 """
 
@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from etils import epath
 import grain
 import jax
-from absl import logging
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from maxlm.train.events import log_event
@@ -35,6 +35,10 @@ PyTree = Any
 
 class CheckpointMismatchError(ValueError):
   """The checkpoint's arrays do not match the shapes the current config asks for."""
+
+
+class CheckpointRestoreError(RuntimeError):
+  """Checkpoints exist, but none of them could be restored."""
 
 
 class Checkpointer:
@@ -85,8 +89,9 @@ class Checkpointer:
            config_json: str | None = None, force: bool = False) -> bool:
     """Saves if the policies (or `force`) say so; returns whether a save started.
 
-    With async saving this returns once the arrays are copied off the devices;
-    the iterator state is read before it returns, so the caller may advance it.
+    With async saving this returns once the arrays are copied off the devices
+    and the files are written in the background; the iterator state is read
+    before it returns, so the caller may advance the iterator (and donate `state`).
     """
     if step in self._mgr.all_steps():
       return False
@@ -107,39 +112,51 @@ class Checkpointer:
     `abstract_state` has the train state's structure with `jax.ShapeDtypeStruct`
     leaves carrying the target `NamedSharding`s, so a checkpoint saved on one mesh
     restores onto another. `data_iterator`, if given, is set to the saved position.
-    Unreadable steps are quarantined and the previous one is tried. Returns
-    `(state, step)`, or None if there is no usable checkpoint.
+    Returns `(state, step)`, or None if there are no checkpoints.
+
+    A step that fails to read is skipped for the one before it; once an older step
+    restores, the failed ones are quarantined. If none restores, nothing is moved
+    (the cause may be on our side, not the files) and `CheckpointRestoreError` says why.
     """
     self._mgr.wait_until_finished()
     self._mgr.reload()
     candidates = [s for s in self.all_steps() if step is None or s <= step]
+    failed: list[tuple[int, Exception]] = []
     for s in reversed(candidates):
       try:
-        metadata = self._mgr.item_metadata(s)
-        saved_tree = metadata['state'].tree if metadata['state'] is not None else None
-        if saved_tree is None:
-          raise ValueError('the state item has no readable metadata')
-      except Exception as e:  # pylint: disable=broad-except
-        self._quarantine(s, e)
-        continue
-      check_shapes(saved_tree, abstract_state, where=self.directory / str(s))
-      if data_iterator is not None and 'data' not in metadata:
-        raise CheckpointMismatchError(
-            f'checkpoint {self.directory / str(s)} has no data iterator state, '
-            'but a data iterator was given to restore')
-      items = {'state': ocp.args.StandardRestore(abstract_state)}
-      if data_iterator is not None:
-        items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
-      try:
-        restored = self._mgr.restore(s, args=ocp.args.Composite(**items))
+        state = self._restore_step(s, abstract_state, data_iterator)
+      except CheckpointMismatchError:
+        raise
       except Exception as e:  # pylint: disable=broad-except
         if 'RESOURCE_EXHAUSTED' in str(e):
           raise  # Out of memory says nothing about the checkpoint.
-        self._quarantine(s, e)
+        logging.warning('Checkpoint step %d failed to restore, trying the previous one: %s', s, e)
+        failed.append((s, e))
         continue
+      for bad_step, error in failed:
+        self._quarantine(bad_step, error)
       self._event('checkpoint_restore', step=s)
-      return restored['state'], s
+      return state, s
+    if failed:
+      bad_step, error = failed[0]
+      raise CheckpointRestoreError(
+          f'none of the {len(failed)} checkpoints in {self.directory} could be restored; '
+          f'the latest (step {bad_step}) failed with {type(error).__name__}: {error}') from error
     return None
+
+  def _restore_step(self, step: int, abstract_state: PyTree, data_iterator: Any) -> PyTree:
+    metadata = self._mgr.item_metadata(step)
+    if metadata['state'] is None:
+      raise ValueError('the state item has no readable metadata')
+    where = self.directory / str(step)
+    check_shapes(metadata['state'].tree, abstract_state, where=where)
+    if data_iterator is not None and 'data' not in metadata:
+      raise CheckpointMismatchError(
+          f'checkpoint {where} has no data iterator state, but a data iterator was given')
+    items = {'state': ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+    return self._mgr.restore(step, args=ocp.args.Composite(**items))['state']
 
   def read_config(self, step: int) -> dict[str, Any] | None:
     """The config JSON saved with `step`, or None if it was saved without one."""

@@ -165,6 +165,8 @@ def validate(config: ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     if t.eval_every < 0 or t.clip_norm < 0 or t.z_loss < 0:
         raise ConfigError("train.eval_every, train.clip_norm and train.z_loss must be >= 0")
+    if not config.data.tokenizer:
+        raise ConfigError("data.tokenizer is empty: give 'char' or the path of a sentencepiece .model")
     if not 0.0 < config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={config.data.val_fraction} must be in (0, 1)")
     try:

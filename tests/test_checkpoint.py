@@ -1,15 +1,7 @@
 """Tests for maxlm.checkpoint: round trips, policies, fallback, resharding, partial restore."""
 
-import os
-
-# Eight fake CPU devices; tests/conftest.py sets this too. Must precede JAX's backend start.
-if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                             ' --xla_force_host_platform_device_count=8').strip()
-
 import pickle
 import time
-from pathlib import Path
 
 import grain
 import jax
@@ -19,9 +11,11 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from maxlm.checkpoint import CheckpointMismatchError, Checkpointer, load_params
+from maxlm.checkpoint import (CheckpointMismatchError, CheckpointRestoreError, Checkpointer,
+                              load_params)
 from maxlm.train.events import read_events
 
+# tests/conftest.py gives JAX 8 fake CPU devices.
 needs_8_devices = pytest.mark.skipif(len(jax.devices()) < 8, reason='needs 8 (fake) devices')
 
 SHAPES = {'w1': (16, 32), 'w2': (32, 16), 'b': (32,)}
@@ -158,6 +152,18 @@ def test_corrupted_latest_is_quarantined_and_previous_used(tmp_path, small, dama
   assert [p.name.split('-')[0] for p in (tmp_path / 'quarantine').iterdir()] == ['3']
   quarantined = [e for e in read_events(tmp_path) if e['event'] == 'checkpoint_quarantined']
   assert len(quarantined) == 1 and quarantined[0]['step'] == 3 and quarantined[0]['error']
+  ckpt.close()
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_when_nothing_restores_nothing_is_quarantined(tmp_path, small):
+  abstract, state = small
+  ckpt = Checkpointer(tmp_path, every_steps=1, async_save=False)
+  ckpt.save(1, state)
+  (tmp_path / 'checkpoints' / '1' / 'state' / '_METADATA').write_text('{"tree_meta')
+  with pytest.raises(CheckpointRestoreError, match=r'latest \(step 1\) failed with'):
+    ckpt.restore(abstract)
+  assert ckpt.all_steps() == [1] and not (tmp_path / 'quarantine').exists()
   ckpt.close()
 
 

@@ -78,8 +78,8 @@ class ModelConfig:
         d, h, k, hd, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.d_ff
         attn = d * hd * (h + 2 * k) + h * hd * d + (hd * (h + 2 * k) + d if self.use_bias else 0)
         mlp = (3 if self.mlp == "swiglu" else 2) * d * f + ((f + d) if self.use_bias else 0)
-        norms = (2 if self.norm == "layernorm" else 1) * d * 2
-        total = self.num_layers * (attn + mlp + norms)
+        norm = (2 if self.norm == "layernorm" else 1) * d
+        total = self.num_layers * (attn + mlp + 2 * norm) + (norm if self.norm_position == "pre" else 0)
         if include_embeddings:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
             total += (self.max_seq_len + self.position_offset) * d if self.position == "learned" else 0
@@ -88,11 +88,11 @@ class ModelConfig:
 
 def _param(rngs: nnx.Rngs, shape, names, std: float, dtype) -> nnx.Param:
     init = jax.nn.initializers.normal(std) if std else jax.nn.initializers.zeros
-    return nnx.Param(init(rngs.params(), shape, DTYPES[dtype]), sharding=names)
+    return nnx.Param(init(rngs.params(), shape, DTYPES[dtype]), out_sharding=names)
 
 
 def _ones(shape, names, dtype) -> nnx.Param:
-    return nnx.Param(jnp.ones(shape, DTYPES[dtype]), sharding=names)
+    return nnx.Param(jnp.ones(shape, DTYPES[dtype]), out_sharding=names)
 
 
 class Norm(nnx.Module):
@@ -102,7 +102,7 @@ class Norm(nnx.Module):
         self.kind, self.eps = cfg.norm, cfg.norm_eps
         self.scale = _ones((cfg.d_model,), ("norm",), cfg.param_dtype)
         if cfg.norm == "layernorm":
-            self.bias = nnx.Param(jnp.zeros((cfg.d_model,), DTYPES[cfg.param_dtype]), sharding=("norm",))
+            self.bias = nnx.Param(jnp.zeros((cfg.d_model,), DTYPES[cfg.param_dtype]), out_sharding=("norm",))
 
     def __call__(self, x):
         dtype, x = x.dtype, x.astype(jnp.float32)

@@ -37,7 +37,8 @@ class DivergenceGuard:
   - non-finite loss or grad norm (without loss scaling; with it, an overflowing step
     is the loss scaler's business: it is skipped and counts as neither healthy nor bad);
   - grad-norm blow-up: grad norm > `grad_norm_factor` x the rolling mean grad norm;
-  - loss spike: loss > rolling mean + `spike_sigma` x rolling std for
+  - loss spike: loss > rolling mean + `spike_sigma` x rolling std (at least 1% of the
+    mean, so a flat plateau does not make noise a spike) for
     `spike_patience` consecutive steps.
   Rolling stats cover the last `window` healthy steps; the last two checks start
   once half a window has been seen.
