@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 benchmarks/attention.py                # the table
     PYTHONPATH=. python3 benchmarks/attention.py --packed       # with segment ids (dense mask for cudnn/xla)
     PYTHONPATH=. python3 benchmarks/attention.py --check        # compiled kernels vs a float32 reference first
-    PYTHONPATH=. python3 benchmarks/attention.py --tune         # sweep the Triton block parameters
+    PYTHONPATH=. python3 benchmarks/attention.py --tune         # sweep Triton parameters, table with the best
 
 FLOPs: forward 4*B*H*T*T*D, halved under the causal mask; forward+backward counts 3.5x the
 forward (the backward as 2.5 forward passes, the FlashAttention-2 convention). Memory is the
@@ -86,26 +86,39 @@ def failure(err: Exception) -> str:
     return "OOM" if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() else "n/a"
 
 
-def run_impl(impl: str, inputs, causal: bool, args, tuning: Tuning | None = None) -> Result:
-    q, k, v, d_out, segment_ids = inputs
-    attend = attention_fn(impl, segment_ids, causal, tuning)
-    fwd = jax.jit(attend)
+def time_forward(attend: Callable, inputs, args) -> float | str:
+    q, k, v, _, _ = inputs
+    try:
+        return time_fn(jax.jit(attend), (q, k, v), calls=args.calls, repeats=args.repeats)
+    except Exception as err:  # noqa: BLE001 - a failed entry prints OOM/n/a, the sweep goes on
+        return failure(err)
+
+
+def time_forward_backward(attend: Callable, inputs, args) -> tuple[float | str, int | str]:
+    """(seconds, temporary bytes of the compiled program)."""
+    q, k, v, d_out, _ = inputs
 
     def fwd_bwd(q, k, v, d_out):
         _, vjp = jax.vjp(attend, q, k, v)
         return vjp(d_out)
 
     try:
-        fwd_s = time_fn(fwd, (q, k, v), calls=args.calls, repeats=args.repeats)
-    except Exception as err:  # noqa: BLE001 - a failed entry prints OOM/n/a, the sweep goes on
-        return Result(failure(err), failure(err), failure(err))
-    try:
         compiled = jax.jit(fwd_bwd).lower(q, k, v, d_out).compile()
-        temp_bytes = compiled.memory_analysis().temp_size_in_bytes
-        fwd_bwd_s = time_fn(compiled, (q, k, v, d_out), calls=args.calls, repeats=args.repeats)
+        seconds = time_fn(compiled, (q, k, v, d_out), calls=args.calls, repeats=args.repeats)
+        return seconds, compiled.memory_analysis().temp_size_in_bytes
     except Exception as err:  # noqa: BLE001
-        return Result(fwd_s, failure(err), failure(err))
-    return Result(fwd_s, fwd_bwd_s, temp_bytes)
+        return failure(err), failure(err)
+
+
+def run_impl(impl: str, inputs, causal: bool, args, tuning: Tuning | None = None) -> Result:
+    seq = inputs[0].shape[1]
+    if impl == "xla" and seq > args.max_seq_xla:
+        return Result("skip", "skip", "skip")
+    attend = attention_fn(impl, inputs[4], causal, tuning)
+    fwd_s = time_forward(attend, inputs, args)
+    if fwd_s in ("OOM", "n/a"):
+        return Result(fwd_s, fwd_s, fwd_s)
+    return Result(fwd_s, *time_forward_backward(attend, inputs, args))
 
 
 def attention_flops(batch: int, heads: int, seq: int, head_dim: int, causal: bool) -> float:
@@ -129,14 +142,15 @@ def fmt_mib(b) -> str:
     return f"{b / 2**20:.0f}" if isinstance(b, int) else b
 
 
-def benchmark(args) -> None:
+def benchmark(args, tuned: dict[int, Tuning]) -> None:
+    """The table; pallas uses `tuned[head_dim]` where given, else the default tuning."""
     dtype = jnp.dtype(args.dtype)
     rows = []
     for head_dim in args.head_dims:
         for seq in args.seq_lens:
             batch = max(1, args.tokens // seq)
             inputs = make_inputs(batch, seq, args.heads, args.kv_heads, head_dim, dtype, args.packed)
-            results = {impl: run_impl(impl, inputs, args.causal, args) for impl in args.impls}
+            results = {impl: run_impl(impl, inputs, args.causal, args, tuned.get(head_dim)) for impl in args.impls}
             flops = attention_flops(batch, args.heads, seq, head_dim, args.causal)
             rows.append((seq, head_dim, batch, flops, results))
             summary = ", ".join(f"{i} {fmt_ms(r.fwd_s)}/{fmt_ms(r.fwd_bwd_s)} ms" for i, r in results.items())
@@ -199,30 +213,43 @@ def check(args) -> None:
     print(f"check worst error / tolerance = {worst:.2f}")
 
 
-def tune(args) -> None:
-    """Times forward candidates, then backward (dq, dk/dv) candidates with the default forward."""
+FWD_CANDIDATES = [(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 64, 4, 4), (128, 32, 4, 4), (64, 128, 4, 3)]
+BWD_CANDIDATES = [  # (dq params, dkdv params); dkdv rows are keys, so its block_k is the tall side
+    ((64, 64, 4, 2), (64, 64, 4, 2)), ((64, 64, 4, 3), (64, 64, 4, 3)), ((128, 32, 4, 3), (32, 128, 4, 3)),
+    ((128, 32, 8, 3), (32, 128, 8, 3)), ((64, 32, 4, 3), (32, 64, 4, 3)), ((128, 64, 8, 2), (64, 128, 8, 2)),
+]
+
+
+def tune(args) -> dict[int, Tuning]:
+    """Best Triton parameters per head dim: forward candidates by forward time, then (dq, dk/dv)
+    candidates by forward+backward time with the best forward."""
     dtype = jnp.dtype(args.dtype)
     seq = args.tune_seq
     batch = max(1, args.tokens // seq)
+    best = {}
     for head_dim in args.head_dims:
         inputs = make_inputs(batch, seq, args.heads, args.kv_heads, head_dim, dtype, args.packed)
-        base = default_tuning("gpu", head_dim)
         flops = attention_flops(batch, args.heads, seq, head_dim, args.causal)
-        print(f"\n## tune seq={seq} D={head_dim} B={batch} (fwd TF/s | fwd+bwd TF/s)")
-        for bq, bk, warps, stages in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3),
-                                      (128, 64, 4, 4), (128, 32, 4, 4), (64, 128, 4, 3), (128, 128, 8, 2)]:
-            tuning = dataclasses.replace(base, fwd=KernelParams(bq, bk, warps, stages))
-            res = run_impl("pallas", inputs, args.causal, args, tuning)
-            print(f"fwd {bq}x{bk} w{warps} s{stages}: {fmt_tflops(flops, res.fwd_s)} | "
-                  f"{fmt_tflops(3.5 * flops, res.fwd_bwd_s)}", flush=True)
-        for dq, dkdv in [((64, 64, 4, 2), (64, 64, 4, 2)), ((128, 64, 8, 2), (64, 128, 8, 2)),
-                         ((64, 32, 4, 3), (32, 64, 4, 3)), ((128, 32, 4, 3), (32, 128, 4, 3)),
-                         ((64, 64, 4, 3), (64, 64, 4, 3)), ((128, 64, 8, 3), (64, 128, 8, 3)),
-                         ((64, 128, 8, 2), (128, 64, 8, 2)), ((128, 128, 8, 2), (128, 128, 8, 2))]:
-            tuning = dataclasses.replace(base, dq=KernelParams(*dq), dkdv=KernelParams(*dkdv))
-            res = run_impl("pallas", inputs, args.causal, args, tuning)
-            print(f"dq {dq} dkdv {dkdv}: fwd+bwd {fmt_tflops(3.5 * flops, res.fwd_bwd_s)} TF/s, "
-                  f"{fmt_ms(res.fwd_bwd_s)} ms", flush=True)
+        print(f"\n## tune seq={seq} D={head_dim} B={batch}; (block_q, block_k, num_warps, num_stages)")
+        tuning = default_tuning("gpu", head_dim)
+        timings = []
+        for candidate in FWD_CANDIDATES:
+            trial = dataclasses.replace(tuning, fwd=KernelParams(*candidate))
+            seconds = time_forward(attention_fn("pallas", inputs[4], args.causal, trial), inputs, args)
+            print(f"fwd {candidate}: {fmt_ms(seconds)} ms, {fmt_tflops(flops, seconds)} TF/s", flush=True)
+            if isinstance(seconds, float):
+                timings.append((seconds, trial))
+        tuning = min(timings, key=lambda t: t[0])[1]
+        timings = []
+        for dq, dkdv in BWD_CANDIDATES:
+            trial = dataclasses.replace(tuning, dq=KernelParams(*dq), dkdv=KernelParams(*dkdv))
+            seconds, _ = time_forward_backward(attention_fn("pallas", inputs[4], args.causal, trial), inputs, args)
+            print(f"dq {dq} dkdv {dkdv}: fwd+bwd {fmt_ms(seconds)} ms, {fmt_tflops(3.5 * flops, seconds)} TF/s", flush=True)
+            if isinstance(seconds, float):
+                timings.append((seconds, trial))
+        best[head_dim] = min(timings, key=lambda t: t[0])[1]
+        print(f"best D={head_dim}: {best[head_dim]}", flush=True)
+    return best
 
 
 def main() -> None:
@@ -239,17 +266,17 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=5, help="calls per timed repeat")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--check", action="store_true", help="run the correctness check before timing")
-    parser.add_argument("--tune", action="store_true", help="sweep Triton block parameters after the table")
+    parser.add_argument("--tune", action="store_true", help="sweep Triton parameters first; the table uses the best")
+    parser.add_argument("--max_seq_xla", type=int, default=1 << 30, help="longer sequences print 'skip' for xla")
     parser.add_argument("--tune_seq", type=int, default=4096)
     parser.add_argument("--skip_table", action="store_true")
     args = parser.parse_args()
     print(f"devices: {jax.devices()}", flush=True)
     if args.check:
         check(args)
+    tuned = tune(args) if args.tune else {}
     if not args.skip_table:
-        benchmark(args)
-    if args.tune:
-        tune(args)
+        benchmark(args, tuned)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
 """Train a model: ``python launch/train.py --config=configs/NAME.py --workdir=DIR [--config.a.b=v ...]``.
 
-Rerunning the same command resumes from the latest checkpoint in DIR.
+Rerunning the same command resumes from the latest valid checkpoint in DIR.
+Exit codes: 0 done, 2 bad config or input, 42 preempted (checkpoint saved), 43 gave up on divergence.
 """
 
-from absl import app, flags
+import sys
+
+from absl import app, flags, logging
 from ml_collections import config_flags
 
-from maxlm.config import parse_flags_or_exit
+from maxlm.checkpoint import CheckpointMismatchError
+from maxlm.config import ConfigError, parse_flags_or_exit
+from maxlm.data.sources import BadRecordError
+from maxlm.train.guard import DIVERGED_EXIT_CODE, DivergenceError
 from maxlm.train.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -18,7 +24,14 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    train(_CONFIG.value, _WORKDIR.value)
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, CheckpointMismatchError, BadRecordError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except DivergenceError as e:
+        logging.error("%s", e)
+        sys.exit(DIVERGED_EXIT_CODE)
 
 
 if __name__ == "__main__":

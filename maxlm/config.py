@@ -10,7 +10,9 @@ start-up, and raises :class:`ConfigError` with one line naming the key.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -91,6 +93,24 @@ def base_config() -> ConfigDict:
         log_every=10,
         eval_every=500,  # 0: only at the end
         eval_batches=20,
+        # Divergence guard: on a non-finite loss, a loss spike or a grad-norm blow-up, roll back to
+        # the last good checkpoint, skip the data since then, scale lr/clip, continue.
+        divergence=ConfigDict(dict(
+            enabled=True,
+            window=50,  # healthy steps in the rolling loss / grad-norm statistics
+            spike_sigma=6.0,  # a spike: loss > rolling mean + spike_sigma * rolling std ...
+            spike_patience=3,  # ... for this many consecutive steps
+            grad_norm_factor=10.0,  # a blow-up: grad norm > factor * rolling mean
+            min_loss_scale=1.0,  # float16 loss scale at or below this: collapsed
+            lr_factor=0.5,  # the lr is multiplied by this at every rollback
+            clip_factor=1.0,  # the clip threshold too (OPT went 1.0 -> 0.3)
+            max_rollbacks=3,
+        )),
+    ))
+
+    # Test hooks for the fault-tolerance machinery.
+    c.debug = ConfigDict(dict(
+        nan_at_steps=(),  # poison the loss with NaN at these steps (once per step per process)
     ))
 
     c.checkpoint = ConfigDict(dict(
@@ -200,13 +220,25 @@ def parse_flags_or_exit(argv: Sequence[str]) -> list[str]:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
         message = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'").replace("\n", " ")
-        bad = [a.split("=")[0][2:] for a in argv[1:] if a.startswith("--config.")]
-        for key in bad:
-            if _unknown(flags.FLAGS["config"].value if "config" in flags.FLAGS else None, key[len("config."):]):
-                message = _unknown_key_message(flags.FLAGS["config"].value, key[len("config."):])
+        config = _config_from_argv(argv)
+        for arg in argv[1:]:
+            key = arg.split("=")[0][len("--config."):]
+            if arg.startswith("--config.") and config is not None and _unknown(config, key):
+                message = _unknown_key_message(config, key)
                 break
         print(f"config error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def _config_from_argv(argv: Sequence[str]) -> ConfigDict | None:
+    """Loads the ``--config=FILE`` named on the command line (for error messages)."""
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None or not os.path.isfile(path.split(":")[0]):
+        return None
+    spec = importlib.util.spec_from_file_location("_maxlm_config", path.split(":")[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def _unknown(config: ConfigDict | None, key: str) -> bool:

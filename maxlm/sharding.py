@@ -87,6 +87,16 @@ def logical_to_spec(names: Sequence[str | None] | None, rules: Rules) -> P:
     return P(*spec)
 
 
+def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+    """Drops mesh axes from dimensions they do not divide (e.g. a vocab of 50257 over tensor=2)."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in names]))
+        fitted.append(axes if dim % size == 0 else None)
+    return P(*fitted)
+
+
 def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules) -> jax.Array:
     """Sharding constraint on an activation; a no-op outside a mesh context."""
     if jax.sharding.get_abstract_mesh().empty:

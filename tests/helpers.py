@@ -10,8 +10,8 @@ from maxlm.config import base_config
 def tiny_config(**model_overrides):
     """A 2-layer, d_model 32 model on the vendored corpus, trained for a handful of steps."""
     c = base_config()
-    c.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, max_seq_len=32,
-                   attention="xla", **model_overrides)
+    c.model.update({**dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, d_ff=64, max_seq_len=32,
+                           attention="xla"), **model_overrides})
     c.train.update(steps=4, batch_size=8, seq_len=16, lr=1e-2, warmup_steps=1, log_every=1, eval_every=0,
                    eval_batches=2)
     c.mesh.update(data=1, fsdp=-1, tensor=1)

@@ -84,15 +84,16 @@ class Tuning:
 
 
 def default_tuning(backend: str, head_dim: int) -> Tuning:
-    """Block sizes per backend, tuned on an H100 for GPU (see benchmarks/attention.py --tune)."""
+    """Block sizes per backend. GPU values won `benchmarks/attention.py --tune` on an H100 (bf16,
+    causal, seq 4096); head_dim 256 is an untimed guess sized for shared memory. TPU values are
+    untuned defaults."""
     if backend == "tpu":
         return Tuning(KernelParams(512, 512), KernelParams(256, 256), KernelParams(256, 256))
-    warps = 4 if head_dim <= 64 else 8
-    return Tuning(
-        fwd=KernelParams(128, 64, num_warps=warps, num_stages=3),
-        dq=KernelParams(64, 64, num_warps=warps, num_stages=2),
-        dkdv=KernelParams(64, 64, num_warps=warps, num_stages=2),
-    )
+    if head_dim <= 64:
+        return Tuning(KernelParams(64, 64, 4, 3), KernelParams(128, 32, 4, 3), KernelParams(32, 128, 4, 3))
+    if head_dim <= 128:
+        return Tuning(KernelParams(128, 64, 8, 3), KernelParams(64, 64, 4, 2), KernelParams(64, 64, 4, 2))
+    return Tuning(KernelParams(64, 32, 4, 2), KernelParams(64, 32, 4, 2), KernelParams(32, 64, 4, 2))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The training loop: config -> mesh -> data -> model -> state -> steps -> metrics/checkpoints.
 
 ``train(config, workdir)`` is what ``launch/train.py`` runs; tests call it too.
+Rerunning it on the same workdir resumes from the latest valid checkpoint.
 """
 
 from __future__ import annotations
@@ -9,19 +10,29 @@ import os
 import time
 
 import jax
-import numpy as np
 from absl import logging
 
 from maxlm import config as config_lib
 from maxlm import sharding
+from maxlm.checkpoint import Checkpointer, load_params
 from maxlm.models import build_model
 from maxlm.models.transformer import ModelConfig
 from maxlm.train import data as train_data
+from maxlm.train.events import log_event, read_events
+from maxlm.train.guard import DivergenceGuard
 from maxlm.train.metrics import MetricsWriter, flops_per_token, peak_flops
 from maxlm.train.objectives import make_objective
-from maxlm.train.optimizer import make_optimizer
+from maxlm.train.optimizer import make_optimizer, set_rollback_scales
+from maxlm.train.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
 from maxlm.train.sample import sample_text
 from maxlm.train.step import init_state, make_eval_step, make_train_step, state_layout
+
+
+class Preempted(SystemExit):
+    """Raised after the preemption checkpoint is written; exits with ``PREEMPTED_EXIT_CODE``."""
+
+    def __init__(self):
+        super().__init__(PREEMPTED_EXIT_CODE)
 
 
 def evaluate(eval_step, params, batches, mesh, rules) -> float:
@@ -31,8 +42,25 @@ def evaluate(eval_step, params, batches, mesh, rules) -> float:
     return loss_sum / max(sum(float(t["num_tokens"]) for t in totals), 1.0)
 
 
+def _guard(config, workdir: str) -> DivergenceGuard | None:
+    d = config.train.divergence
+    if not d.enabled:
+        return None
+    done = sum(e["event"] == "divergence_rollback" for e in read_events(workdir))
+    return DivergenceGuard(**{k: v for k, v in d.to_dict().items() if k != "enabled"}, rollbacks=done)
+
+
+def _poison(batch, step: int, nan_steps: set[int]):
+    """Test hook: a NaN loss mask at a configured step, once per process."""
+    if step not in nan_steps:
+        return batch
+    nan_steps.discard(step)
+    logging.warning("debug.nan_at_steps: poisoning the batch of step %d", step)
+    return dict(batch, loss_mask=batch["loss_mask"] * float("nan"))
+
+
 def train(config, workdir: str) -> dict:
-    """Runs the experiment described by ``config`` in ``workdir``; returns the final metrics."""
+    """Runs the experiment described by ``config`` in ``workdir``; returns the last metrics."""
     config_lib.validate(config, jax.device_count())
     os.makedirs(workdir, exist_ok=True)
     is_primary = jax.process_index() == 0
@@ -42,40 +70,67 @@ def train(config, workdir: str) -> dict:
 
     data = train_data.pretrain_data(config, workdir)
     if config.model.vocab_size and config.model.vocab_size != data.tokenizer.vocab_size:
-        raise config_lib.ConfigError(
-            f"model.vocab_size={config.model.vocab_size} but the tokenizer has {data.tokenizer.vocab_size} pieces")
+        raise config_lib.ConfigError(f"model.vocab_size={config.model.vocab_size} but the tokenizer "
+                                     f"{data.tokenizer.path} has {data.tokenizer.vocab_size} pieces")
     model_cfg = ModelConfig.from_config(config.model, data.tokenizer.vocab_size)
     config.model.vocab_size = model_cfg.vocab_size
+    config_json = config_lib.to_json(config)
     if is_primary:
         with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(config))
+            f.write(config_json)
 
     model = build_model(model_cfg, rules)
     tx, _ = make_optimizer(t)
     layout = state_layout(model, tx, mesh)
     objective = make_objective(t.objective, model, t)
     logging.info("model: %.2fM params, mesh %s", model_cfg.num_params() / 1e6, dict(mesh.shape))
+    c = config.checkpoint
+    ckpt = Checkpointer(workdir, every_steps=c.every_steps, every_minutes=c.every_minutes,
+                        keep_last=c.keep_last, keep_every=c.keep_every, async_save=c.async_save)
+    guard = _guard(config, workdir)
 
-    with jax.set_mesh(mesh):
-        state = init_state(model, tx, layout, config.seed)
+    with jax.set_mesh(mesh), PreemptionWatcher(ckpt.reached_preemption) as watcher:
+        def fresh_state():
+            params = None
+            if config.init_from:
+                params = load_params(config.init_from, layout.abstract["params"])
+                logging.info("initialised params from %s", config.init_from)
+            return init_state(model, tx, layout, config.seed, params)
+
+        restored = ckpt.restore(layout.abstract, data_iterator=data.train)
+        if restored:
+            state, start_step = restored
+            log_event(workdir, "resume", step=start_step)
+            if config.init_from:
+                logging.info("resuming from step %d; init_from is not used", start_step)
+        else:
+            state, start_step = fresh_state(), 0
+
         train_step = make_train_step(objective, tx, layout, mesh, rules, grad_accum=t.grad_accum)
         eval_step = make_eval_step(objective, layout, mesh, rules)
-        start_step = int(state["step"])
         writer = MetricsWriter(workdir, t.steps, start_step, enabled=is_primary)
         tokens_per_step = t.batch_size * t.seq_len
         flops = flops_per_token(model_cfg, t.seq_len) * tokens_per_step
         peak = peak_flops(jax.devices()[0])
-        last = {}
+        nan_steps = set(config.debug.nan_at_steps)
+        last: dict = {}
         interval_start, interval_steps = time.perf_counter(), 0
-        for step in range(start_step, t.steps):
-            batch = sharding.to_global_batch(next(data.train), mesh, rules)
-            state, metrics = train_step(state, batch)
+        step = start_step
+        while step < t.steps:
+            batch = _poison(next(data.train), step, nan_steps)
+            state, metrics = train_step(state, sharding.to_global_batch(batch, mesh, rules))
             interval_steps += 1
             done = step + 1
+            if guard:
+                health = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")})
+                reason = guard.observe(done, health["loss"], health["grad_norm"])
+                if reason:
+                    state, step = _roll_back(reason, done, guard, ckpt, layout, data, fresh_state, workdir, t)
+                    writer.message(f"divergence at step {done}: {reason}; rolled back to step {step}")
+                    continue
             if done % t.log_every == 0 or done == t.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - interval_start
-                step_time = elapsed / interval_steps
+                step_time = (time.perf_counter() - interval_start) / interval_steps
                 metrics.update(step_time_s=step_time, tokens_per_sec=tokens_per_step / step_time,
                                mfu=(flops / step_time / (peak * jax.device_count())) if peak else None)
                 writer.write(done, metrics)
@@ -85,11 +140,43 @@ def train(config, workdir: str) -> dict:
                 last["val_loss"] = evaluate(eval_step, state["params"], data.val_batches(), mesh, rules)
                 writer.write(done, {"val_loss": last["val_loss"]})
                 interval_start, interval_steps = time.perf_counter(), 0
+            if not (guard and guard.suspect):
+                ckpt.save(done, state, data_iterator=data.train, config_json=config_json, force=done == t.steps)
+            if watcher.should_stop(done):
+                ckpt.save(done, state, data_iterator=data.train, config_json=config_json, force=True)
+                ckpt.wait()
+                log_event(workdir, "preempted", step=done)
+                writer.close()
+                raise Preempted()
+            step = done
 
         if is_primary and config.sample.num_tokens:
-            text = sample_text(model, state["params"], data.tokenizer, config.sample, seed=config.seed)
+            text = sample_text(model, state["params"], data.tokenizer, config.sample, seed=config.seed,
+                               window=t.seq_len)
             with open(os.path.join(workdir, "sample.txt"), "w") as f:
                 f.write(text)
             writer.message(f"--- sample ---\n{text}\n--------------")
+        ckpt.wait()
+        ckpt.close()
         writer.close()
     return last
+
+
+def _roll_back(reason, bad_step, guard, ckpt, layout, data, fresh_state, workdir, t):
+    """Restores the last good checkpoint (or the initial state), skips the data since, scales lr/clip."""
+    log_event(workdir, "divergence_detected", step=bad_step, reason=reason)
+    guard.reset_after_rollback()  # raises DivergenceError past max_rollbacks
+    restored = ckpt.restore(layout.abstract, data_iterator=data.train)
+    if restored:
+        state, good_step = restored
+        for _ in range(bad_step - good_step):
+            next(data.train)
+    else:  # no checkpoint yet: the initial state; the iterator is already past the bad window
+        state, good_step = fresh_state(), 0
+    skipped = bad_step - good_step
+    opt_state = set_rollback_scales(state["opt_state"], lr_scale=guard.lr_scale,
+                                    clip_norm=t.clip_norm * guard.clip_scale)
+    state = jax.device_put(dict(state, opt_state=opt_state), layout.shardings)
+    log_event(workdir, "divergence_rollback", from_step=bad_step, to_step=good_step, skipped_batches=skipped,
+              lr_scale=guard.lr_scale, clip_scale=guard.clip_scale, rollbacks=guard.rollbacks)
+    return state, good_step

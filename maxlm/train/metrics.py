@@ -42,12 +42,26 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
 
 
+def _drop_lines_after(path: str, step: int) -> None:
+    """On resume, forget metrics of steps after the checkpoint: they are about to be redone."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(lines)
+    os.replace(path + ".tmp", path)
+
+
 class MetricsWriter:
     """Writes one JSON line per log/eval step, TensorBoard scalars, and a tqdm progress line."""
 
     def __init__(self, workdir: str, total_steps: int, start_step: int = 0, enabled: bool = True):
         self.enabled = enabled
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a") if enabled else None
+        path = os.path.join(workdir, "metrics.jsonl")
+        if enabled:
+            _drop_lines_after(path, start_step)
+        self._jsonl = open(path, "a") if enabled else None
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard")) if enabled else None
         self._bar = tqdm(total=total_steps, initial=start_step, disable=not enabled, dynamic_ncols=True,
                          file=sys.stderr, mininterval=1.0, desc="train")

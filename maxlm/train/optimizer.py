@@ -8,6 +8,7 @@ after a rollback without recompiling, and checkpoints remember the change.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 EMBEDDING_PARAMS = ("embed", "pos_embed")
@@ -27,10 +28,10 @@ def lr_schedule(t) -> optax.Schedule:
 
 
 def decay_mask(params, decay_embeddings: bool):
-    """Weight decay on matrices only: not norms, biases or (by default) embedding tables."""
-    def wants_decay(path, leaf) -> bool:
-        top = getattr(path[0], "key", None)
-        return leaf.ndim - (1 if top == "blocks" else 0) >= 2 and (decay_embeddings or top not in EMBEDDING_PARAMS)
+    """Weight decay on weight matrices (``w*``, ``lm_head``) only: not norms, biases or, by default, embeddings."""
+    def wants_decay(path, _) -> bool:
+        name = getattr(path[-1], "key", "")
+        return name.startswith("w") or name == "lm_head" or (decay_embeddings and name in EMBEDDING_PARAMS)
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
@@ -51,9 +52,9 @@ def current_lr(opt_state) -> jax.Array:
     return adamw.hyperparams["learning_rate"] * factor.hyperparams["step_size"]
 
 
-def scale_hyperparams(opt_state, *, lr_factor: float, clip_factor: float):
-    """Returns opt_state with the lr factor and clip threshold multiplied (divergence rollback)."""
+def set_rollback_scales(opt_state, *, lr_scale: float, clip_norm: float):
+    """Returns opt_state with the lr factor and the clip threshold replaced (divergence rollback)."""
     clip, adamw, factor = opt_state
-    clip = clip._replace(hyperparams={"max_norm": clip.hyperparams["max_norm"] * clip_factor})
-    factor = factor._replace(hyperparams={"step_size": factor.hyperparams["step_size"] * lr_factor})
+    clip = clip._replace(hyperparams={"max_norm": jnp.asarray(clip_norm or jnp.inf, jnp.float32)})
+    factor = factor._replace(hyperparams={"step_size": jnp.asarray(lr_scale, jnp.float32)})
     return (clip, adamw, factor)

@@ -36,8 +36,9 @@ class StateLayout:
 
 
 def state_layout(model: Model, tx: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
-    param_specs = model.param_specs()
     abstract_params = model.abstract_params()
+    param_specs = jax.tree.map(lambda spec, a: sharding.fit_spec(spec, a.shape, mesh), model.param_specs(),
+                               abstract_params, is_leaf=lambda x: isinstance(x, P))
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt, param_specs,
                                       transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
@@ -104,7 +105,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, layo
         out = {
             "loss": metrics["loss_sum"] / normalizer,
             "z_loss": metrics["z_loss_sum"] / normalizer,
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "lr": current_lr(opt_state),
             "num_tokens": metrics["num_tokens"],
             "last_layer_act_norm": metrics["last_layer_act_norm"],

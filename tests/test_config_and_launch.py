@@ -1,0 +1,103 @@
+"""Config presets and validation, launch/train.py start-up errors, and one end-to-end tiny run."""
+
+import glob
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from maxlm.config import ConfigError, validate
+from maxlm.models import build_model
+from maxlm.models.transformer import ModelConfig
+from maxlm.train.loop import train
+from tests.helpers import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _preset(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("name,params_millions", [
+    ("gpt2_small", 124.4), ("opt_125m", 125.2), ("llama_1b", 1235.8), ("llama3_8b", 8030.3),
+    ("shakespeare_char", None), ("tiny", None),
+])
+def test_presets_validate_and_have_the_published_sizes(name, params_millions):
+    config = _preset(name)
+    if not config.data.tokenizer:
+        config.data.tokenizer = "some.model"
+    validate(config, num_devices=4)
+    if params_millions:
+        model = build_model(ModelConfig.from_config(config.model))  # abstract: no memory is used
+        assert model.cfg.num_params() / 1e6 == pytest.approx(params_millions, abs=0.1)
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("model.num_heads", 5, "model.num_heads=5 does not divide model.d_model"),
+    ("model.num_kv_heads", 3, "model.num_kv_heads=3 does not divide model.num_heads"),
+    ("model.attention", "flash", "model.attention='flash' is not one of"),
+    ("mesh.data", 3, "mesh: 8 devices cannot be split"),
+    ("mesh.fsdp", 2, "mesh: data*fsdp*tensor = 2 but 8 devices"),
+    ("train.grad_accum", 3, "train.grad_accum=3 does not divide train.batch_size"),
+    ("train.seq_len", 64, "train.seq_len=64 exceeds model.max_seq_len=32"),
+    ("train.warmup_steps", 10, "train.warmup_steps=10 must be in"),
+    ("data.tokenizer", "", "data.tokenizer is empty"),
+])
+def test_validation_names_the_key(key, value, needle):
+    config = tiny_config()
+    section, field = key.split(".")
+    config[section][field] = value
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("*", r"\*")):
+        validate(config, num_devices=8)
+
+
+def _launch(*flags, devices=1):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), *flags],
+                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("flag,needle", [
+    ("--config.model.d_modle=3", "unknown config key 'model.d_modle' (did you mean 'model.d_model'?)"),
+    ("--config.trian.steps=3", "unknown config key 'trian.steps' (did you mean 'train'?)"),
+    ("--config.model.d_model=abc", "--config.model.d_model=abc"),
+    ("--config.model.num_heads=3", "model.num_heads=3 does not divide model.d_model=64"),
+])
+def test_launch_rejects_bad_overrides_with_one_line(tmp_path, flag, needle):
+    result = _launch("--config=configs/tiny.py", f"--workdir={tmp_path}", flag)
+    assert result.returncode != 0
+    assert needle in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_tiny_run_writes_metrics_tensorboard_config_and_sample(tmp_path):
+    config = tiny_config()
+    config.train.update(steps=6, log_every=2, eval_every=3)
+    config.sample.num_tokens = 8
+    last = train(config, str(tmp_path))
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    train_lines = [l for l in lines if "loss" in l]
+    assert [l["step"] for l in train_lines] == [2, 4, 6]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens_per_sec", "step_time_s", "mfu", "last_layer_act_norm"):
+        assert key in train_lines[0]
+    assert train_lines[0]["mfu"] is None  # no peak FLOP/s is known for CPUs
+    assert [l["step"] for l in lines if "val_loss" in l] == [3, 6]
+    assert last["val_loss"] == lines[-1]["val_loss"]
+    assert glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+    resolved = json.load(open(tmp_path / "config.json"))
+    assert resolved["model"]["vocab_size"] > 0 and resolved["train"]["steps"] == 6
+    assert (tmp_path / "sample.txt").read_text()
+
+
+def test_vocab_mismatch_between_config_and_tokenizer_is_an_error(tmp_path):
+    config = tiny_config(vocab_size=1000)
+    with pytest.raises(ConfigError, match="model.vocab_size=1000 but the tokenizer"):
+        train(config, str(tmp_path))
