@@ -815,8 +815,8 @@ def flash_attention(
         raise ValueError(reason)
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
-    if interpret and backend == "tpu" and interpret is True:
-        interpret = pltpu.InterpretParams()
+    if backend == "tpu" and interpret is True:
+        interpret = pltpu.InterpretParams()  # the TPU simulator
     q_len, kv_len, head_dim = q.shape[1], k.shape[1], q.shape[3]
     tuning = (tuning or default_tuning(backend, head_dim)).replace_blocks(block_q, block_k)
     tuning = tuning.fit_to(q_len, kv_len, _MIN_BLOCK[backend])

@@ -1,0 +1,77 @@
+"""maxlm's main job against the plain PyTorch reference of the same model and recipe, side by side.
+
+Each side runs in its own subprocess, one after the other, on the same cores:
+
+    python benchmarks/shakespeare_vs_torch.py [--steps 2000] [--out benchmarks/results/shakespeare_cpu.md]
+
+maxlm: ``launch/train.py --config=configs/shakespeare_char.py`` (wall time includes start-up, tokenizer
+training, compilation and the final eval/sample). PyTorch: ``benchmarks/torch_shakespeare.py`` (needs the
+``hf`` extra for torch). Prints wall time, median step time, tokens/s and val loss with maxlm/torch ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_maxlm(steps: int, eval_batches: int) -> dict:
+    with tempfile.TemporaryDirectory() as workdir:
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config=configs/shakespeare_char.py",
+             f"--workdir={workdir}", f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
+             f"--config.train.eval_batches={eval_batches}", "--config.checkpoint.every_steps=0",
+             "--config.train.warmup_steps=" + str(min(100, steps // 2))],
+            check=True, cwd=ROOT, capture_output=True)
+        wall = time.perf_counter() - start
+        lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    step_times = [l["step_time_s"] for l in lines if "step_time_s" in l][1:]  # the first interval compiles
+    step = statistics.median(step_times)
+    return {"wall_s": wall, "step_time_s": step, "tokens_per_sec": 12 * 64 / step,
+            "val_loss": [l["val_loss"] for l in lines if "val_loss" in l][-1]}
+
+
+def run_torch(steps: int, eval_batches: int) -> dict:
+    code = (f"import json, sys; sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r}); "
+            f"import torch_shakespeare as t; print(json.dumps(t.run(steps={steps}, eval_batches={eval_batches})))")
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - start  # include interpreter start-up and imports, as for maxlm
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--eval_batches", type=int, default=100)
+    parser.add_argument("--out", default="")
+    args = parser.parse_args()
+    maxlm, torch = run_maxlm(args.steps, args.eval_batches), run_torch(args.steps, args.eval_batches)
+    rows = [("wall time (s)", "wall_s", "lower is better"), ("median step (ms)", "step_time_s", "lower is better"),
+            ("tokens/s", "tokens_per_sec", "higher is better"), ("val loss", "val_loss", "")]
+    table = ["| metric | maxlm | pytorch | maxlm / pytorch |", "| --- | ---: | ---: | ---: |"]
+    for name, key, _ in rows:
+        scale = 1000.0 if key == "step_time_s" else 1.0
+        a, b = maxlm[key] * scale, torch[key] * scale
+        table.append(f"| {name} | {a:.4g} | {b:.4g} | {a / b:.3f} |")
+    text = (f"shakespeare_char, {args.steps} steps, batch 12 x 64, {os.cpu_count()} CPU cores, "
+            f"torch {torch.get('torch_version')}\n\n" + "\n".join(table))
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"Command: `python benchmarks/shakespeare_vs_torch.py --steps {args.steps} --out {args.out}`\n\n"
+                    f"{text}\n")
+
+
+if __name__ == "__main__":
+    main()
