@@ -16,6 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+import jax
 import ml_collections
 from absl import flags
 
@@ -172,6 +173,9 @@ def validate(config: ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     if m.sliding_window < 0:
         raise ConfigError(f"model.sliding_window={m.sliding_window} must be >= 0")
+    if m.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"model.attention=cudnn needs a GPU (backend here: {jax.default_backend()}); "
+                          "use auto, xla or pallas")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if m.compute_dtype == "float16":
