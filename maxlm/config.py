@@ -55,7 +55,7 @@ def base_config() -> ConfigDict:
         tie_embeddings=False,
         dropout=0.0,
         param_dtype="float32",
-        compute_dtype="float32",  # float32 | bfloat16 | float16
+        compute_dtype="float32",  # float32 | bfloat16 | float16 (float16: dynamic loss scaling)
         init_std=0.02,
         scale_residual_init=True,  # output projections: std / sqrt(2 * num_layers)
         attention="auto",  # xla | cudnn | pallas | auto
@@ -178,9 +178,6 @@ def validate(config: ConfigDict, num_devices: int) -> None:
                           "use auto, xla or pallas")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if m.compute_dtype == "float16":
-        raise ConfigError("model.compute_dtype=float16 needs dynamic loss scaling, which is not wired yet; "
-                          "use bfloat16")
     if t.batch_size % t.grad_accum:
         raise ConfigError(f"train.grad_accum={t.grad_accum} does not divide train.batch_size={t.batch_size}")
     if not 0 <= t.warmup_steps < t.steps:

@@ -110,3 +110,23 @@ def test_pallas_attention_trains_like_xla_on_a_sharded_mesh():
     config.model.attention = "pallas"  # interpret mode on CPU, run per shard under shard_map
     losses, _ = _losses(config, (2, 2, 2), steps=2)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+
+
+def test_float16_uses_dynamic_loss_scaling_and_skips_overflowing_steps():
+    config = tiny_config(compute_dtype="float16")
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    rules = sharding.DEFAULT_RULES
+    model = build_model(ModelConfig.from_config(config.model, VOCAB), rules)
+    tx, _ = make_optimizer(config.train)
+    layout = state_layout(model, tx, mesh)
+    with jax.set_mesh(mesh):
+        state = init_state(model, tx, layout, seed=0)
+        step = make_train_step(make_objective("pretrain", model, config.train), tx, layout, mesh, rules)
+        batch = sharding.to_global_batch(random_batch(8, 16, VOCAB), mesh, rules)
+        state, metrics = step(state, batch)
+        assert np.isfinite(float(metrics["loss"])) and float(metrics["loss_scale"]) <= 2.0**15
+        before = jax.device_get(state["params"])
+        state["loss_scale"] = {"scale": jnp.float32(1e38), "good_steps": jnp.int32(0)}  # overflows in float16
+        state, metrics = step(state, batch)
+        assert float(metrics["loss_scale"]) == pytest.approx(5e37)
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), before)

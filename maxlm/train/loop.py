@@ -122,8 +122,8 @@ def train(config, workdir: str) -> dict:
             interval_steps += 1
             done = step + 1
             if guard:
-                health = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")})
-                reason = guard.observe(done, health["loss"], health["grad_norm"])
+                health = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm", "loss_scale") if k in metrics})
+                reason = guard.observe(done, health["loss"], health["grad_norm"], health.get("loss_scale"))
                 if reason:
                     state, step = _roll_back(reason, done, guard, ckpt, layout, data, fresh_state, workdir, t)
                     writer.message(f"divergence at step {done}: {reason}; rolled back to step {step}")

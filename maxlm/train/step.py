@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from maxlm import sharding
 from maxlm.models import Model
+from maxlm.train import loss_scale
 from maxlm.train.objectives import Objective
 from maxlm.train.optimizer import current_lr
 
@@ -45,6 +46,9 @@ def state_layout(model: Model, tx: optax.GradientTransformation, mesh: Mesh) -> 
     specs = {"step": P(), "params": param_specs, "opt_state": opt_specs, "rng": P()}
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
                 "opt_state": abstract_opt, "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    if uses_loss_scale(model):
+        abstract["loss_scale"] = jax.eval_shape(loss_scale.init)
+        specs["loss_scale"] = jax.tree.map(lambda _: P(), abstract["loss_scale"])
     shardings = sharding.named_shardings(mesh, specs)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return StateLayout(abstract, shardings)
@@ -60,11 +64,19 @@ def init_state(model: Model, tx: optax.GradientTransformation, layout: StateLayo
         param_rng, dropout_rng = jax.random.split(rng)
         if params is None:
             params = model.init(param_rng)
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-                "rng": jax.random.key_data(dropout_rng)}
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
+                 "rng": jax.random.key_data(dropout_rng)}
+        if uses_loss_scale(model):
+            state["loss_scale"] = loss_scale.init()
+        return state
 
     rng = jax.random.key(seed)
     return jax.jit(init, out_shardings=layout.shardings)(rng, params)
+
+
+def uses_loss_scale(model: Model) -> bool:
+    """float16 compute needs dynamic loss scaling; bfloat16 and float32 do not."""
+    return model.cfg.compute_dtype == "float16"
 
 
 def _split_micro_batches(batch, num: int):
@@ -80,7 +92,13 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, layo
         params = state["params"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         normalizer = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
-        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        scale = state.get("loss_scale")
+
+        def scaled_objective(params, batch, rng):
+            loss, metrics = objective(params, batch, rng)
+            return (loss if scale is None else loss_scale.scale_loss(loss, scale)), metrics
+
+        grad_fn = jax.value_and_grad(scaled_objective, has_aux=True)
 
         if grad_accum == 1:
             (_, metrics), grads = grad_fn(params, batch, rng)
@@ -99,9 +117,16 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, layo
             metrics = dict(metrics, last_layer_act_norm=metrics["last_layer_act_norm"] / grad_accum)
 
         grads = jax.tree.map(lambda g: g / normalizer, grads)
+        if scale is not None:
+            grads, finite = loss_scale.unscale_grads(grads, scale)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                      "opt_state": opt_state, "rng": state["rng"]}
+        if scale is not None:  # an overflowing step changes nothing but the (lowered) loss scale
+            for key in ("params", "opt_state"):
+                new_state[key] = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state[key],
+                                              state[key])
+            new_state["loss_scale"] = loss_scale.update(scale, finite)
         out = {
             "loss": metrics["loss_sum"] / normalizer,
             "z_loss": metrics["z_loss_sum"] / normalizer,
@@ -110,6 +135,8 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, layo
             "num_tokens": metrics["num_tokens"],
             "last_layer_act_norm": metrics["last_layer_act_norm"],
         }
+        if scale is not None:
+            out["loss_scale"] = new_state["loss_scale"]["scale"]
         return new_state, out
 
     batch_sharding = NamedSharding(mesh, sharding.batch_spec(rules))
