@@ -24,6 +24,9 @@ from maxlm import data
 from maxlm.data import pipeline
 
 _BATCHES = flags.DEFINE_integer("batches", 200, "Batches timed per config (after 5 warm-up batches).")
+_TRAIN = flags.DEFINE_list(
+    "train_configs", ["shakespeare_char"],
+    "Configs whose training step consumption is measured here too (the 124m ones take minutes on a CPU).")
 _CACHE_DIR = flags.DEFINE_string("cache_dir", os.path.join(tempfile.gettempdir(), "maxlm_bench"), "Tokenizer cache.")
 
 
@@ -77,16 +80,30 @@ def measure_pipeline(name: str, *, n_batches: int = 200, cache_dir: str | None =
     return pipeline.tokens_per_second(it, n_batches)
 
 
+def train_consumption(name: str, config: PipelineConfig, vocab: int) -> float:
+    """Tokens/s the training step of the matching model consumes on this machine (random tokens)."""
+    import train_step  # benchmarks/train_step.py
+
+    preset = train_step.load_preset("shakespeare_char" if name == "shakespeare_char" else "gpt2_small")
+    preset.model.vocab_size = vocab
+    preset.model.compute_dtype = "float32"
+    preset.train.update(batch_size=config.batch_size, seq_len=config.seq_len)
+    return train_step.measure(preset, "xla", steps=3 if name == "shakespeare_char" else 1)["tokens_per_sec"]
+
+
 def main(argv):
     del argv
-    print("| config | batch x seq | tokenizer (vocab) | tokenize corpus s | pipeline tokens/s | batches/s |")
-    print("|---|---|---|---:|---:|---:|")
+    print("| config | batch x seq | tokenizer (vocab) | tokenize corpus s | pipeline tokens/s | batches/s | "
+          "train step tokens/s | pipeline / train |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for name, config in CONFIGS.items():
         it, setup = build_iterator(config, _CACHE_DIR.value)
         vocab = load_tokenizer(config.tokenizer, _CACHE_DIR.value).vocab_size
         tps = pipeline.tokens_per_second(it, _BATCHES.value)
+        train = train_consumption(name, config, vocab) if name in _TRAIN.value else None
+        train_cols = f"{train:,.0f} | {tps / train:,.0f}x" if train else "not measured | -"
         print(f"| {name} | {config.batch_size} x {config.seq_len} | {config.tokenizer} ({vocab}) | {setup:.2f} | "
-              f"{tps:,.0f} | {tps / (config.batch_size * config.seq_len):,.0f} |")
+              f"{tps:,.0f} | {tps / (config.batch_size * config.seq_len):,.0f} | {train_cols} |")
 
 
 if __name__ == "__main__":
