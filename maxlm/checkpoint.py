@@ -228,6 +228,7 @@ def check_shapes(saved_tree: PyTree, abstract_tree: PyTree, *, where: Any,
                for k in sorted(wanted.keys() - saved.keys())]
   problems += [f'{k}: in the checkpoint (shape {saved[k]}), not in the config'
                for k in sorted(saved.keys() - wanted.keys())]
+  problems.sort(key=lambda line: not line.startswith('params.'))  # the params are what users recognise
   if problems:
     shown = problems[:10] + ([f'... and {len(problems) - 10} more'] if len(problems) > 10 else [])
     raise CheckpointMismatchError(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -121,25 +121,31 @@ def _run_ok(env, workdir, *overrides, devices=8):
 
 
 def _interrupt(env, workdir, at_step, sig, *overrides):
-  """Starts a run, waits until it is paused at `at_step`, sends `sig`, lets it go on; returns the status."""
+  """Starts a run, waits until it is paused at `at_step`, sends `sig`, lets it go on.
+
+  Returns the exit status and stderr (which goes to a file: a pipe nobody reads while
+  waiting could fill up and stall the run).
+  """
   marker = Path(workdir).parent / f'{Path(workdir).name}.marker'
-  proc = subprocess.Popen(_command(env, workdir, *overrides, pause=True), cwd=REPO,
-                          env=_env(env, FT_PAUSE_AT=str(at_step), FT_MARKER=str(marker)),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  log = Path(workdir).parent / f'{Path(workdir).name}.stderr'
+  with open(log, 'w') as stderr:
+    proc = subprocess.Popen(_command(env, workdir, *overrides, pause=True), cwd=REPO,
+                            env=_env(env, FT_PAUSE_AT=str(at_step), FT_MARKER=str(marker)),
+                            stdout=subprocess.DEVNULL, stderr=stderr)
   try:
     deadline = time.time() + RUN_TIMEOUT_S
     while not marker.exists():
-      assert proc.poll() is None, f'exited early ({proc.returncode}): {proc.stderr.read()[-4000:]}'
+      assert proc.poll() is None, f'exited early ({proc.returncode}): {log.read_text()[-4000:]}'
       assert time.time() < deadline, 'the run never reached the pause step'
       time.sleep(0.02)
     proc.send_signal(sig)
     Path(str(marker) + '.go').touch()
-    _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
+    proc.wait(timeout=RUN_TIMEOUT_S)
   finally:
     if proc.poll() is None:
       proc.kill()
       proc.wait()
-  return proc.returncode, stderr
+  return proc.returncode, log.read_text()
 
 
 # ---------------------------------------------------------------- reading results
@@ -297,27 +303,41 @@ def test_corrupted_latest_checkpoint_falls_back_and_finishes(env, reference, tmp
   assert _losses(workdir) == reference['losses']
 
 
+def test_torn_metrics_line_does_not_block_the_resume(env, reference, tmp_path):
+  workdir = _copy_and_truncate(reference, tmp_path / 'run', keep_up_to=6)
+  lines = (workdir / 'metrics.jsonl').read_text().splitlines(keepends=True)
+  torn = [l for l in lines if json.loads(l)['step'] <= 7]
+  (workdir / 'metrics.jsonl').write_text(''.join(torn)[:-40])  # the step-7 line, cut short
+  _run_ok(env, workdir)
+  _assert_trees_equal(_state(workdir), reference['state'])
+  assert _losses(workdir) == reference['losses']
+
+
 # ---------------------------------------------------------------- 5. injected NaN
 
 
-def test_injected_nan_is_rolled_back_and_the_run_finishes(env, tmp_path):
+@pytest.mark.parametrize('nan_at,rolled_back_to', [(5, 4), (1, 0)])  # (1, 0): before any checkpoint
+def test_injected_nan_is_rolled_back_and_the_run_finishes(env, reference, tmp_path, nan_at, rolled_back_to):
   workdir = tmp_path / 'run'
-  _run_ok(env, workdir, 'debug.nan_at_steps=(5,)')
+  _run_ok(env, workdir, f'debug.nan_at_steps=({nan_at},)')
 
+  bad = nan_at + 1  # nan_at is 0-based: the batch of the step that ends at nan_at + 1
   detected = _events(workdir, 'divergence_detected')
   rollbacks = _events(workdir, 'divergence_rollback')
-  assert [e['step'] for e in detected] == [6] and 'non-finite' in detected[0]['reason']
-  assert [(e['from_step'], e['to_step']) for e in rollbacks] == [(6, 4)]
-  assert rollbacks[0]['lr_scale'] == 0.5
+  assert [e['step'] for e in detected] == [bad] and 'non-finite' in detected[0]['reason']
+  assert [(e['from_step'], e['to_step']) for e in rollbacks] == [(bad, rolled_back_to)]
+  assert rollbacks[0]['skipped_batches'] == bad - rolled_back_to and rollbacks[0]['lr_scale'] == 0.5
   state = _state(workdir)
   assert int(state['step']) == STEPS
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(state['params']))
   lines = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
   last = [r for r in lines if 'loss' in r][-1]
   assert last['step'] == STEPS and np.isfinite(last['loss'])
+  # It went on with other data and half the lr: a different result, but it still learned.
+  assert last['loss'] < reference['losses'][1] - 0.5
 
 
-def test_too_many_divergences_exit_43(env, tmp_path):
+def test_too_many_divergences_exit_43(env, reference, tmp_path):
   workdir = tmp_path / 'run'
   proc = _run(env, workdir, 'debug.nan_at_steps=(3,5,7)', 'train.divergence.max_rollbacks=1')
   assert proc.returncode == DIVERGED_EXIT_CODE, proc.stderr[-4000:]
@@ -329,18 +349,33 @@ def test_too_many_divergences_exit_43(env, tmp_path):
 # ---------------------------------------------------------------- 6. config / checkpoint mismatch
 
 
-@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
-def test_resuming_with_other_shapes_is_one_clear_error(env, reference, tmp_path):
-  workdir = _copy_and_truncate(reference, tmp_path / 'run', keep_up_to=STEPS)
+@pytest.fixture(scope='module')
+def mismatch(env, reference, tmp_path_factory):
+  """Reruns the finished reference workdir with model.d_model=64 instead of 32."""
+  workdir = _copy_and_truncate(reference, tmp_path_factory.mktemp('mismatch') / 'run', keep_up_to=STEPS)
   before = _steps(workdir)
   proc = _run(env, workdir, 'model.d_model=64')
-  assert proc.returncode != 0
-  assert 'CheckpointMismatchError' in proc.stderr
-  assert 'does not match the current config' in proc.stderr
-  # Names the parameter and both shapes, e.g. "params.embed.embedding: checkpoint has shape (V, 32), ..."
-  assert 'checkpoint has shape' in proc.stderr and 'config expects' in proc.stderr
-  assert proc.stderr.count('does not match the current config') == 1 or 'Traceback' in proc.stderr
-  assert _steps(workdir) == before and not (workdir / 'quarantine').exists()  # user error: kept
+  return workdir, before, proc
+
+
+def test_resuming_with_other_shapes_is_one_clear_error(mismatch):
+  workdir, before, proc = mismatch
+  assert proc.returncode == 2, proc.stderr[-4000:]  # launch/train.py: bad config or input
+  errors = [l for l in proc.stderr.splitlines() if l.startswith('error:')]
+  assert len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-4000:]
+  assert 'does not match the current config' in errors[0]
+  # Names the arrays and both shapes, e.g. "...blocks.attn.wq: checkpoint has shape (2, 32, 4, 8),
+  # config expects (2, 64, 4, 16)".
+  assert re.search(r'blocks\.attn\.wq: checkpoint has shape \(2, 32, 4, 8\), config expects \(2, 64, 4, 16\)',
+                   proc.stderr), proc.stderr[-4000:]
+  assert _steps(workdir) == before and not (workdir / 'quarantine').exists()  # a user error: kept
+  assert not _events(workdir, 'checkpoint_quarantined')
+
+
+def test_shape_error_names_the_params_first(mismatch):
+  _, _, proc = mismatch
+  assert 'params.blocks.attn.wq: checkpoint has shape (2, 32, 4, 8)' in proc.stderr
+  assert 'params.embed' in proc.stderr
 
 
 # ---------------------------------------------------------------- 7. init_from
@@ -360,3 +395,24 @@ def test_init_from_loads_params_only_and_starts_at_step_0(env, reference, tmp_pa
   _assert_trees_equal(_params(workdir), reference['state']['params'])
   # The source run's loss had come down; the fine-tune's first loss is on that scale, not init's.
   assert _losses(workdir)[1] < reference['losses'][1] - 0.2
+
+
+# ---------------------------------------------------------------- fault injection under the supervisor
+
+
+@pytest.mark.slow
+def test_fault_injection_under_the_supervisor(tmp_path):
+  """A small `benchmarks/fault_injection.py`: SIGKILLs at random moments change nothing."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('fault_injection', REPO / 'benchmarks' / 'fault_injection.py')
+  fault_injection = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(fault_injection)
+  args = fault_injection.parse_args(['--kills=4', '--steps=24', '--every_steps=4', '--devices=2',
+                                     '--startup_kill_fraction=0.25', f'--workdir={tmp_path}'])
+  result = fault_injection.run(args)
+  report = fault_injection.format_report(result)
+  assert result['supervisor_returncode'] == 0, report
+  assert result['kills_survived'] == 4 and result['restarts'] == 4, report
+  assert result['final_step'] == 24, report
+  assert result['params_equal'] and result['state_equal'] and result['losses_equal'], report
+  assert result['max_lost'] <= 4, report  # sync saves: at most one checkpoint interval redone

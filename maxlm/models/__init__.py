@@ -32,7 +32,7 @@ class Model:
         """Fresh params as a nested dict. Run it under ``jax.jit(out_shardings=...)``."""
         with nnx.use_eager_sharding(False):
             module = Transformer(self.cfg, self.rules, rngs=nnx.Rngs(params=rng))
-        return nnx.split(module)[1].to_pure_dict()
+        return nnx.to_pure_dict(nnx.split(module)[1])
 
     def apply(self, params: Params, tokens, positions, segment_ids, dropout_rng=None):
         """Float32 logits ``[batch, len, vocab]`` and an aux dict of diagnostics."""
@@ -41,11 +41,11 @@ class Model:
         return nnx.merge(self.graphdef, state)(tokens, positions, segment_ids, dropout_rng)
 
     def abstract_params(self) -> Params:
-        return self.abstract_state.to_pure_dict()
+        return nnx.to_pure_dict(self.abstract_state)
 
     def logical_specs(self) -> Params:
         """Logical axis names of every parameter, as PartitionSpecs."""
-        return nnx.get_partition_spec(self.abstract_state).to_pure_dict()
+        return nnx.to_pure_dict(nnx.get_partition_spec(self.abstract_state))
 
     def param_specs(self) -> Params:
         """Mesh PartitionSpecs of every parameter under this model's rules."""

@@ -63,6 +63,14 @@ def train(config, workdir: str) -> dict:
     """Runs the experiment described by ``config`` in ``workdir``; returns the last metrics."""
     config_lib.validate(config, jax.device_count())
     os.makedirs(workdir, exist_ok=True)
+    c = config.checkpoint
+    ckpt = Checkpointer(workdir, every_steps=c.every_steps, every_minutes=c.every_minutes,
+                        keep_last=c.keep_last, keep_every=c.keep_every, async_save=c.async_save)
+    with PreemptionWatcher(ckpt.reached_preemption) as watcher:  # a SIGTERM during set-up counts too
+        return _train(config, workdir, ckpt, watcher)
+
+
+def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher) -> dict:
     is_primary = jax.process_index() == 0
     rules = tuple(tuple(r) for r in config.mesh.rules)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -84,12 +92,9 @@ def train(config, workdir: str) -> dict:
     layout = state_layout(model, tx, mesh)
     objective = make_objective(t.objective, model, t)
     logging.info("model: %.2fM params, mesh %s", model_cfg.num_params() / 1e6, dict(mesh.shape))
-    c = config.checkpoint
-    ckpt = Checkpointer(workdir, every_steps=c.every_steps, every_minutes=c.every_minutes,
-                        keep_last=c.keep_last, keep_every=c.keep_every, async_save=c.async_save)
     guard = _guard(config, workdir)
 
-    with jax.set_mesh(mesh), PreemptionWatcher(ckpt.reached_preemption) as watcher:
+    with jax.set_mesh(mesh):
         def fresh_state():
             params = None
             if config.init_from:
@@ -126,6 +131,7 @@ def train(config, workdir: str) -> dict:
                 reason = guard.observe(done, health["loss"], health["grad_norm"], health.get("loss_scale"))
                 if reason:
                     state, step = _roll_back(reason, done, guard, ckpt, layout, data, fresh_state, workdir, t)
+                    writer.rewind(step)
                     writer.message(f"divergence at step {done}: {reason}; rolled back to step {step}")
                     continue
             if done % t.log_every == 0 or done == t.steps:

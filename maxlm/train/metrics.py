@@ -42,12 +42,20 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
 
 
+def _step_of(line: str) -> int | None:
+    """The step of one metrics line; None for a torn line (a crash mid-write)."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
 def _drop_lines_after(path: str, step: int) -> None:
     """On resume, forget metrics of steps after the checkpoint: they are about to be redone."""
     if not os.path.exists(path):
         return
     with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
     with open(path + ".tmp", "w") as f:
         f.writelines(lines)
     os.replace(path + ".tmp", path)
@@ -80,6 +88,13 @@ class MetricsWriter:
         self._bar.set_postfix(shown, refresh=False)
         self._bar.n = step
         self._bar.refresh()
+
+    def rewind(self, step: int) -> None:
+        """After a divergence rollback: forget the metrics of the steps that are about to be redone."""
+        if self.enabled:
+            self._jsonl.close()
+            _drop_lines_after(self._jsonl.name, step)
+            self._jsonl = open(self._jsonl.name, "a")
 
     def message(self, text: str) -> None:
         if self.enabled:
