@@ -22,7 +22,7 @@ from maxlm.data import sources
 
 ModelType = Literal["bpe", "unigram", "char"]
 
-DEFAULT_CHAR_MODEL = "tinyshakespeare_char_v1.model"
+DEFAULT_CHAR_MODEL = "tinyshakespeare_char_v2.model"
 _NEWLINE = "\n"
 _NORMAL = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
 _USER_DEFINED = sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED
@@ -252,12 +252,13 @@ def resize_embeddings(
 def get_or_train_default_tokenizer(cache_dir: str) -> Tokenizer:
     """The character-level tokenizer of the vendored tinyshakespeare corpus, trained once and cached.
 
-    About 65 characters plus newline, the specials and 256 byte-fallback pieces (for characters
-    Shakespeare never used): vocab 325.
+    The corpus's characters plus the specials, without byte fallback (vocab 69, like the classic
+    65-character setup): a character Shakespeare never used encodes as ``<unk>``.
     """
     path = os.path.join(os.path.expanduser(cache_dir), DEFAULT_CHAR_MODEL)
     if os.path.isfile(path):
         return load_tokenizer(path)
     return train_tokenizer(
-        ["builtin:tinyshakespeare"], path[: -len(".model")], vocab_size=1024, model_type="char"
+        ["builtin:tinyshakespeare"], path[: -len(".model")], vocab_size=1024, model_type="char",
+        byte_fallback=False,
     )
