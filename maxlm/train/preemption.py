@@ -20,54 +20,57 @@ PREEMPTED_EXIT_CODE = 42
 
 
 class PreemptionWatcher:
-  """Installs signal handlers that record a stop request; restores the old ones on close.
+    """Installs signal handlers that record a stop request; restores the old ones on close.
 
-  Single-process runs act on the signal directly. Multi-process runs must stop at
-  the same step on every host, so they rely on JAX's preemption sync point (via
-  `reached_preemption`, e.g. `Checkpointer.reached_preemption`) and install no
-  handler (JAX's preemption service handles SIGTERM there). A second signal while a
-  stop is pending runs the previous handler (e.g. Ctrl-C twice interrupts at once).
-  """
+    Single-process runs act on the signal directly. Multi-process runs must stop at
+    the same step on every host, so they rely on JAX's preemption sync point (via
+    `reached_preemption`, e.g. `Checkpointer.reached_preemption`) and install no
+    handler (JAX's preemption service handles SIGTERM there). A second signal while a
+    stop is pending runs the previous handler (e.g. Ctrl-C twice interrupts at once).
+    """
 
-  def __init__(self, reached_preemption: Callable[[int], bool] | None = None,
-               signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)):
-    self._reached_preemption = reached_preemption
-    self.received: signal.Signals | None = None
-    self._previous: dict[signal.Signals, object] = {}
-    if jax.process_count() == 1:
-      for sig in signals:
-        previous = signal.signal(sig, self._handle)
-        self._previous[sig] = signal.SIG_DFL if previous is None else previous
+    def __init__(
+        self,
+        reached_preemption: Callable[[int], bool] | None = None,
+        signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
+    ):
+        self._reached_preemption = reached_preemption
+        self.received: signal.Signals | None = None
+        self._previous: dict[signal.Signals, object] = {}
+        if jax.process_count() == 1:
+            for sig in signals:
+                previous = signal.signal(sig, self._handle)
+                self._previous[sig] = signal.SIG_DFL if previous is None else previous
 
-  def _handle(self, signum: int, frame: FrameType | None) -> None:
-    sig = signal.Signals(signum)
-    if self.received is not None:
-      previous = self._previous.get(sig, signal.SIG_DFL)
-      self.close()
-      if callable(previous):
-        previous(signum, frame)
-      else:
-        signal.raise_signal(sig)
-      return
-    self.received = sig
-    logging.warning('Received %s: will save and stop at the next step boundary.', sig.name)
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        sig = signal.Signals(signum)
+        if self.received is not None:
+            previous = self._previous.get(sig, signal.SIG_DFL)
+            self.close()
+            if callable(previous):
+                previous(signum, frame)
+            else:
+                signal.raise_signal(sig)
+            return
+        self.received = sig
+        logging.warning("Received %s: will save and stop at the next step boundary.", sig.name)
 
-  def should_stop(self, step: int) -> bool:
-    """True once a stop was requested (or all hosts reached the preemption sync point)."""
-    if self.received is not None:
-      return True
-    if jax.process_count() > 1 and self._reached_preemption is not None:
-      return self._reached_preemption(step)
-    return False
+    def should_stop(self, step: int) -> bool:
+        """True once a stop was requested (or all hosts reached the preemption sync point)."""
+        if self.received is not None:
+            return True
+        if jax.process_count() > 1 and self._reached_preemption is not None:
+            return self._reached_preemption(step)
+        return False
 
-  def close(self) -> None:
-    """Puts back the handlers that were installed before."""
-    for sig, previous in self._previous.items():
-      signal.signal(sig, previous)
-    self._previous = {}
+    def close(self) -> None:
+        """Puts back the handlers that were installed before."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
 
-  def __enter__(self) -> PreemptionWatcher:
-    return self
+    def __enter__(self) -> PreemptionWatcher:
+        return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+    def __exit__(self, *exc) -> None:
+        self.close()
