@@ -127,3 +127,12 @@ def test_pallas_attention_matches_xla(variant):
     loss, grad = _loss_and_grad(pallas, params, batch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5), grad, ref_grad)
+
+
+def test_rope_theta_and_param_dtype_are_used():
+    model, params = _model(position="rope")
+    batch = random_batch(1, 16, 97)
+    other = build_model(dataclasses.replace(model.cfg, rope_theta=500.0))
+    assert not np.allclose(_logits(model, params, batch), _logits(other, params, batch))
+    bf16 = build_model(dataclasses.replace(model.cfg, param_dtype="bfloat16"))
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(jax.jit(bf16.init)(jax.random.key(0))))

@@ -130,3 +130,19 @@ def test_float16_uses_dynamic_loss_scaling_and_skips_overflowing_steps():
         state, metrics = step(state, batch)
         assert float(metrics["loss_scale"]) == pytest.approx(5e37)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), before)
+
+
+def test_clip_norm_bounds_the_update_and_zero_turns_it_off():
+    def first_update(clip_norm):
+        config = tiny_config()
+        config.train.update(clip_norm=clip_norm, weight_decay=0.0, warmup_steps=0, schedule="constant", b1=0.0,
+                            b2=0.0, eps=1e-30)  # signSGD-like Adam: the update is lr * g / |g|
+        return _losses(config, (1, 1, 1), steps=1, devices=jax.devices()[:1])[1]
+
+    config = tiny_config()
+    model = build_model(ModelConfig.from_config(config.model, VOCAB))
+    init = jax.device_get(jax.jit(model.init)(jax.random.split(jax.random.key(0))[0]))
+    unclipped, clipped = first_update(0.0), first_update(1e-30)
+    moved = lambda p: max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(init)))
+    assert moved(unclipped) > 1e-3  # lr=1e-2 steps
+    assert moved(clipped) < moved(unclipped)

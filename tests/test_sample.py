@@ -1,0 +1,35 @@
+"""The end-of-run sampler: greedy, temperature and top-k are wired and seeded."""
+
+import jax
+import ml_collections
+
+from maxlm.models import build_model
+from maxlm.models.transformer import ModelConfig
+from maxlm.train.sample import sample_text
+
+
+class CharTokenizer:
+    eos_id = 0
+
+    def encode(self, text):
+        return [ord(c) % 97 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(32 + i % 90) for i in ids)
+
+
+def _sample(**overrides):
+    cfg = ModelConfig(vocab_size=97, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16, d_ff=64,
+                      max_seq_len=16, attention="xla")
+    model = build_model(cfg)
+    params = jax.jit(model.init)(jax.random.key(0))
+    sample_cfg = ml_collections.ConfigDict({**dict(prompt="ab", num_tokens=20, temperature=1.0, top_k=0), **overrides})
+    return sample_text(model, params, CharTokenizer(), sample_cfg, seed=0, window=16)
+
+
+def test_greedy_equals_top_k_one_and_temperature_changes_samples():
+    greedy = _sample(temperature=0.0)
+    assert len(greedy) == 20
+    assert _sample(top_k=1) == greedy  # sampling among one candidate is greedy
+    assert _sample(temperature=1.0) != greedy  # a random model's samples are not its argmax
+    assert _sample(temperature=1.0) == _sample(temperature=1.0)  # seeded
