@@ -14,6 +14,7 @@ from maxlm.config import ConfigError, parse_flags_or_exit
 from maxlm.data.sources import BadRecordError
 from maxlm.train.guard import DIVERGED_EXIT_CODE, DivergenceError
 from maxlm.train.loop import train
+from maxlm.train.metrics import quiet_library_logs
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                           lock_config=True)
@@ -24,6 +25,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    quiet_library_logs()
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, CheckpointMismatchError, BadRecordError, FileNotFoundError) as e:

@@ -20,6 +20,7 @@ import jax
 import ml_collections
 from absl import flags
 
+from maxlm.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from maxlm.sharding import DEFAULT_RULES, resolve_mesh_shape
 
 ConfigDict = ml_collections.ConfigDict
@@ -133,7 +134,7 @@ _CHOICES = {
     "model.mlp": ("swiglu", "gelu", "relu"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
-    "model.attention": ("xla", "cudnn", "pallas", "auto"),
+    "model.attention": ATTENTION_IMPLEMENTATIONS,
     "model.remat": ("none", "full", "dots"),
     "train.objective": ("pretrain",),
     "train.schedule": ("cosine", "linear", "constant"),

@@ -114,13 +114,6 @@ def batch_spec(rules: Rules) -> P:
     return logical_to_spec(("activation_batch", "activation_length"), rules)
 
 
-def batch_shards(mesh: Mesh, rules: Rules) -> int:
-    """How many ways the batch dimension is split over the mesh."""
-    axes = batch_spec(rules)[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return int(np.prod([mesh.shape[a] for a in axes]))
-
-
 def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
     """Assembles each process's local rows into global arrays sharded over the batch axes."""
     sharding = NamedSharding(mesh, batch_spec(rules))

@@ -9,11 +9,13 @@ device not in the table (e.g. CPUs) ``mfu`` is ``null``.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
 
 import jax
+from absl import logging as absl_logging
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
@@ -30,6 +32,16 @@ PEAK_FLOPS = {
     "TPU v5": 197e12,  # v5e ("TPU v5 lite")
     "TPU v4": 275e12,
 }
+
+
+_CHATTY_LIBRARIES = ("orbax", "grain", "etils", "jax/_src")
+
+
+def quiet_library_logs() -> None:
+    """Keeps the console to maxlm's own INFO lines: libraries' INFO records are dropped, warnings kept."""
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(n in record.pathname for n in _CHATTY_LIBRARIES)
+    absl_logging.get_absl_handler().addFilter(keep)
 
 
 def peak_flops(device: jax.Device) -> float | None:
