@@ -43,7 +43,7 @@ def measure(config, impl: str, steps: int) -> dict:
     mesh = sharding.make_mesh(1, -1, 1)
     rules = sharding.DEFAULT_RULES
     model = build_model(cfg, rules)
-    tx, _ = make_optimizer(config.train)
+    tx = make_optimizer(config.train)
     layout = state_layout(model, tx, mesh)
     b, t = config.train.batch_size, config.train.seq_len
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ def _losses(config, mesh_shape, steps=3, grad_accum=1, devices=None):
     mesh = sharding.make_mesh(*mesh_shape, devices=devices)
     rules = sharding.DEFAULT_RULES
     model = build_model(ModelConfig.from_config(config.model, VOCAB), rules)
-    tx, _ = make_optimizer(config.train)
+    tx = make_optimizer(config.train)
     layout = state_layout(model, tx, mesh)
     objective = make_objective("pretrain", model, config.train)
     with jax.set_mesh(mesh):
@@ -48,7 +48,7 @@ def test_params_and_opt_state_are_created_sharded():
     config = tiny_config(num_heads=8, num_kv_heads=8)
     mesh = sharding.make_mesh(2, 2, 2)
     model = build_model(ModelConfig.from_config(config.model, VOCAB))
-    tx, _ = make_optimizer(config.train)
+    tx = make_optimizer(config.train)
     layout = state_layout(model, tx, mesh)
     with jax.set_mesh(mesh):
         state = init_state(model, tx, layout, seed=0)
@@ -117,7 +117,7 @@ def test_float16_uses_dynamic_loss_scaling_and_skips_overflowing_steps():
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     rules = sharding.DEFAULT_RULES
     model = build_model(ModelConfig.from_config(config.model, VOCAB), rules)
-    tx, _ = make_optimizer(config.train)
+    tx = make_optimizer(config.train)
     layout = state_layout(model, tx, mesh)
     with jax.set_mesh(mesh):
         state = init_state(model, tx, layout, seed=0)

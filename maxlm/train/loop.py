@@ -88,7 +88,7 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
             f.write(config_json)
 
     model = build_model(model_cfg, rules)
-    tx, _ = make_optimizer(t)
+    tx = make_optimizer(t)
     layout = state_layout(model, tx, mesh)
     objective = make_objective(t.objective, model, t)
     logging.info("model: %.2fM params, mesh %s", model_cfg.num_params() / 1e6, dict(mesh.shape))

@@ -35,7 +35,7 @@ def decay_mask(params, decay_embeddings: bool):
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(t) -> optax.GradientTransformation:
     """clip (injectable threshold) -> AdamW(schedule) -> scale (injectable lr factor)."""
     schedule = lr_schedule(t)
     adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
@@ -43,7 +43,7 @@ def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
         mask=lambda p: decay_mask(p, t.decay_embeddings))
     clip = optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=t.clip_norm or float("inf"))
     lr_factor = optax.inject_hyperparams(optax.scale)(step_size=1.0)
-    return optax.chain(clip, adamw, lr_factor), schedule
+    return optax.chain(clip, adamw, lr_factor)
 
 
 def current_lr(opt_state) -> jax.Array:
