@@ -73,6 +73,12 @@ def base_config() -> ConfigDict:
         val_fraction=0.1,
         on_bad_record="error",  # error | skip
         cache_dir="",  # tokenizer cache; "": WORKDIR/cache
+        # SFT (train.objective=sft): records in data.source rendered with a chat template.
+        sft_format="hh",  # hh | chat | instruction
+        sft_field="chosen",  # the dialogue field of hh records
+        chat_template="hh",  # hh | chatml
+        train_on_prompt=False,  # also put loss on the user/system turns
+        truncate=False,  # cut examples longer than seq_len+1 (logged) instead of an error
     ))
 
     c.train = ConfigDict(dict(
@@ -136,7 +142,9 @@ _CHOICES = {
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.attention": ATTENTION_IMPLEMENTATIONS,
     "model.remat": ("none", "full", "dots"),
-    "train.objective": ("pretrain",),
+    "train.objective": ("pretrain", "sft"),
+    "data.sft_format": ("hh", "chat", "instruction"),
+    "data.chat_template": ("hh", "chatml"),
     "train.schedule": ("cosine", "linear", "constant"),
     "data.on_bad_record": ("error", "skip"),
 }

@@ -1,4 +1,4 @@
-"""Connects the ``data`` config section to the tokenizer and grain pipelines."""
+"""Connects the ``data`` config section to the tokenizer and grain pipelines, per objective."""
 
 from __future__ import annotations
 
@@ -10,15 +10,15 @@ from collections.abc import Callable, Iterator
 import grain
 import numpy as np
 
-from maxlm.data import pipeline
-from maxlm.data.sources import make_source
+from maxlm.data import pipeline, sft
+from maxlm.data.sources import BUILTIN_CORPORA, asset_path, load_jsonl, make_source
 from maxlm.data.tokenizer import Tokenizer, get_or_train_default_tokenizer, load_tokenizer, train_tokenizer
 
 DEFAULT_SOURCE = "builtin:tinyshakespeare"
 
 
 @dataclasses.dataclass
-class PretrainData:
+class TrainData:
     tokenizer: Tokenizer
     train: grain.DatasetIterator  # checkpointable; yields per-process Batch dicts forever
     val_batches: Callable[[], Iterator[dict[str, np.ndarray]]]  # the same eval batches every call
@@ -28,25 +28,31 @@ def cache_dir(config, workdir: str) -> str:
     return config.data.cache_dir or os.path.join(workdir, "cache")
 
 
-def get_tokenizer(config, workdir: str) -> Tokenizer:
-    """``data.tokenizer``: ``char`` (trained on the source once, cached) or a ``.model`` path."""
+def get_tokenizer(config, workdir: str, text_spec: str | None = None) -> Tokenizer:
+    """``data.tokenizer``: ``char`` (trained once on ``text_spec``, default the source; cached) or a ``.model`` path."""
     spec = config.data.tokenizer
+    text_spec = text_spec or config.data.source
     if spec != "char":
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"data.tokenizer={spec!r}: no such sentencepiece model file")
         return load_tokenizer(spec)
     directory = cache_dir(config, workdir)
     os.makedirs(directory, exist_ok=True)
-    if config.data.source == DEFAULT_SOURCE:
+    if text_spec == DEFAULT_SOURCE:
         return get_or_train_default_tokenizer(directory)
-    name = hashlib.sha1(config.data.source.encode()).hexdigest()[:12]
+    name = hashlib.sha1(text_spec.encode()).hexdigest()[:12]
     prefix = os.path.join(directory, f"char_{name}")
     if os.path.isfile(prefix + ".model"):
         return load_tokenizer(prefix + ".model")
-    return train_tokenizer([config.data.source], prefix, vocab_size=100_000, model_type="char")
+    return train_tokenizer([text_spec], prefix, vocab_size=100_000, model_type="char")
 
 
-def pretrain_data(config, workdir: str) -> PretrainData:
+def make_data(config, workdir: str) -> TrainData:
+    """The data of ``train.objective``: token windows for ``pretrain``, packed dialogues for ``sft``."""
+    return sft_data(config, workdir) if config.train.objective == "sft" else pretrain_data(config, workdir)
+
+
+def pretrain_data(config, workdir: str) -> TrainData:
     """Tokenizer, an endless shuffled train iterator, and a fixed set of val batches."""
     tokenizer = get_tokenizer(config, workdir)
     source = make_source(config.data.source, on_bad_record=config.data.on_bad_record)
@@ -62,4 +68,47 @@ def pretrain_data(config, workdir: str) -> PretrainData:
                 return
             yield batch
 
-    return PretrainData(tokenizer, train, val_batches)
+    return TrainData(tokenizer, train, val_batches)
+
+
+def _records(spec: str, on_bad_record: str, fields: tuple[str, ...]) -> list[dict]:
+    """Whole JSONL records of ``jsonl:PATTERN`` or ``builtin:NAME`` (SFT needs more than one text field)."""
+    scheme, _, rest = spec.partition(":")
+    path = rest.partition("#")[0]
+    if scheme == "builtin" and path in BUILTIN_CORPORA and BUILTIN_CORPORA[path][1] == "jsonl":
+        path = asset_path(BUILTIN_CORPORA[path][0])
+    elif scheme != "jsonl":
+        raise ValueError(f"data.source={spec!r}: SFT reads JSONL records (jsonl:PATH or builtin:hh_rlhf_harmless_test)")
+    return load_jsonl(path, fields=fields, on_bad_record=on_bad_record)
+
+
+def sft_data(config, workdir: str) -> TrainData:
+    """Dialogues rendered with ``data.chat_template``, loss on assistant tokens, packed into rows.
+
+    The last ``data.val_fraction`` of the records are held out for evaluation.
+    """
+    d, t = config.data, config.train
+    if d.chat_template not in sft.TEMPLATES:
+        raise ValueError(f"data.chat_template={d.chat_template!r} is not one of {sorted(sft.TEMPLATES)}")
+    required = {"hh": (d.sft_field,), "instruction": ("instruction", "output"), "chat": ()}[d.sft_format]
+    records = _records(d.source, d.on_bad_record, required)
+    field_spec = f"{d.source.partition('#')[0]}#{d.sft_field}" if d.sft_format == "hh" else None
+    tokenizer = get_tokenizer(config, workdir, field_spec)
+    template = sft.TEMPLATES[d.chat_template]
+    examples = [sft.tokenize_dialogue(sft.to_messages(r, d.sft_format, d.sft_field), tokenizer, template,
+                                      train_on_prompt=d.train_on_prompt) for r in records]
+    cut = int(round(len(examples) * (1.0 - d.val_fraction)))
+    if cut in (0, len(examples)):
+        raise ValueError(f"data.val_fraction={d.val_fraction} leaves no train or no val records of {len(examples)}")
+    common = dict(seq_len=t.seq_len, batch_size=t.batch_size, seed=config.seed, truncate=d.truncate,
+                  on_bad_record=d.on_bad_record)
+    train = pipeline.packed_dataset(examples[:cut], **common)
+
+    def val_batches() -> Iterator[dict[str, np.ndarray]]:
+        it = pipeline.packed_dataset(examples[cut:], num_epochs=1, **common)
+        for i, batch in enumerate(it):
+            if i == t.eval_batches:
+                return
+            yield batch
+
+    return TrainData(tokenizer, train, val_batches)

@@ -76,7 +76,7 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     t = config.train
 
-    data = train_data.pretrain_data(config, workdir)
+    data = train_data.make_data(config, workdir)
     if config.model.vocab_size and config.model.vocab_size != data.tokenizer.vocab_size:
         raise config_lib.ConfigError(f"model.vocab_size={config.model.vocab_size} but the tokenizer "
                                      f"{data.tokenizer.path} has {data.tokenizer.vocab_size} pieces")

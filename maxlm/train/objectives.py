@@ -42,6 +42,6 @@ def next_token_objective(model: Model, z_loss: float = 0.0) -> Objective:
 
 
 def make_objective(name: str, model: Model, train_cfg) -> Objective:
-    if name == "pretrain":
+    if name in ("pretrain", "sft"):  # SFT differs only in its data: the loss mask covers assistant tokens
         return next_token_objective(model, train_cfg.z_loss)
     raise ValueError(f"train.objective={name!r} is not implemented")

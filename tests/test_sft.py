@@ -1,0 +1,91 @@
+"""SFT data: HH parsing, chat templates, loss exactly on assistant tokens, packing equivalence, an end-to-end run."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxlm.data import sft
+from maxlm.data.pipeline import packed_dataset
+from maxlm.data.tokenizer import get_or_train_default_tokenizer
+from maxlm.models import build_model
+from maxlm.models.transformer import ModelConfig
+from maxlm.train.loop import train
+from maxlm.train.objectives import next_token_objective
+from tests.helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return get_or_train_default_tokenizer(str(tmp_path_factory.mktemp("tok")))
+
+
+def test_parse_hh_splits_turns_and_rejects_other_text():
+    text = "\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: and?\n\nAssistant: bye"
+    assert sft.parse_hh(text) == [
+        {"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"}]
+    with pytest.raises(ValueError, match="not an HH dialogue"):
+        sft.parse_hh("just some text")
+
+
+@pytest.mark.parametrize("template", sorted(sft.TEMPLATES))
+def test_loss_mask_covers_exactly_the_assistant_tokens(tok, template):
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Farewell"}]
+    t = sft.TEMPLATES[template]
+    ex = sft.tokenize_dialogue(messages, tok, t)
+    counted = [i for i, w in enumerate(ex["loss_mask"]) if w]
+    # Rebuild the expectation by hand from the pieces: assistant content + its suffix + eos, in both turns.
+    expected, pos = [], 1 if t.add_bos else 0
+    for m in messages:
+        pos += len(tok.encode(t.prefix[m["role"]])) if t.prefix[m["role"]] else 0
+        n = len(tok.encode(m["content"] + t.suffix[m["role"]]))
+        if m["role"] == "assistant":
+            expected += list(range(pos, pos + n + 1))  # + eos
+            pos += 1
+        pos += n
+    assert counted == expected and pos == len(ex["tokens"])
+    assert ex["tokens"][expected[-1]] == tok.eos_id
+    everything = sft.tokenize_dialogue(messages, tok, t, train_on_prompt=True)
+    assert everything["loss_mask"].sum() == len(everything["tokens"]) - (1 if t.add_bos else 0)
+
+
+def test_instruction_and_chat_records_become_messages():
+    assert sft.to_messages({"instruction": "Add", "input": "1+1", "output": "2"}, "instruction") == [
+        {"role": "user", "content": "Add\n\n1+1"}, {"role": "assistant", "content": "2"}]
+    with pytest.raises(ValueError, match="unknown chat roles"):
+        sft.to_messages({"messages": [{"role": "bot", "content": "x"}]}, "chat")
+
+
+def test_packed_batch_loss_equals_the_unpacked_loss(tok):
+    messages = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+                for q, a in [("Who art thou?", "A friend."), ("Whither?", "To Rome."), ("Why?", "For love.")]]
+    examples = [sft.tokenize_dialogue(m, tok, sft.TEMPLATES["hh"]) for m in messages]
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                      head_dim=8, d_ff=64, max_seq_len=128, attention="xla")
+    model = build_model(cfg)
+    params = jax.jit(model.init)(jax.random.key(0))
+    objective = next_token_objective(model)
+    packed = next(packed_dataset(examples, seq_len=128, batch_size=1, seed=0, shard_index=0, shard_count=1))
+    assert packed["segment_ids"].max() == 3  # all three in one row
+    packed_sum, packed_m = objective(params, jax.tree.map(jnp.asarray, packed))
+    alone = [next(packed_dataset([e], seq_len=64, batch_size=1, seed=0, shard_index=0, shard_count=1))
+             for e in examples]
+    sums = [objective(params, jax.tree.map(jnp.asarray, b)) for b in alone]
+    np.testing.assert_allclose(packed_sum, sum(s for s, _ in sums), rtol=1e-5)
+    assert float(packed_m["num_tokens"]) == sum(float(m["num_tokens"]) for _, m in sums)
+
+
+def test_sft_run_on_hh_dialogues_lowers_the_val_loss(tmp_path):
+    config = tiny_config()
+    config.train.update(objective="sft", steps=30, seq_len=128, batch_size=8, lr=1e-2, eval_every=15,
+                        eval_batches=4, log_every=5)
+    config.model.max_seq_len = 128
+    config.data.update(source="builtin:hh_rlhf_harmless_test", truncate=True, val_fraction=0.05)
+    train(config, str(tmp_path))
+    val = [json.loads(l)["val_loss"] for l in open(tmp_path / "metrics.jsonl") if "val_loss" in l]
+    assert len(val) == 2 and val[1] < val[0]
