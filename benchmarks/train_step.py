@@ -55,12 +55,12 @@ def measure(config, impl: str, steps: int) -> dict:
         step = make_train_step(make_objective("pretrain", model, config.train), tx, layout, mesh, rules)
         batch = sharding.to_global_batch(batch, mesh, rules)
         for _ in range(2):
-            state, metrics = step(state, batch)
+            state, metrics = step(state, batch, None)
         jax.block_until_ready(metrics)
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            state, metrics = step(state, batch)
+            state, metrics = step(state, batch, None)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
     step_time = statistics.median(times)

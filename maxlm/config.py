@@ -129,6 +129,9 @@ def base_config() -> ConfigDict:
         async_save=True,
     ))
 
+    # LoRA: train low-rank adapters on a frozen base (init_from, else a random base); 0 = full fine-tuning.
+    c.lora = ConfigDict(dict(rank=0, alpha=16.0, targets=r"attn/w[qkvo]|mlp/w_(gate|up|down)"))
+
     c.sample = ConfigDict(dict(prompt="\n", num_tokens=200, temperature=0.8, top_k=0))
     return c
 
@@ -211,6 +214,8 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     if m.num_heads % tensor or kv % tensor:
         raise ConfigError(f"mesh.tensor={tensor} must divide model.num_heads={m.num_heads} "
                           f"and model.num_kv_heads={kv}")
+    if config.lora.rank < 0 or (config.lora.rank and config.lora.alpha <= 0):
+        raise ConfigError(f"lora.rank={config.lora.rank} must be >= 0 and lora.alpha > 0")
     c = config.checkpoint
     if c.every_steps < 0 or c.every_minutes < 0 or c.keep_last < 1 or c.keep_every < 0:
         raise ConfigError("checkpoint.every_steps/every_minutes/keep_every must be >= 0 and keep_last >= 1")

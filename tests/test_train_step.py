@@ -30,7 +30,7 @@ def _losses(config, mesh_shape, steps=3, grad_accum=1, devices=None):
         losses = []
         for i in range(steps):
             batch = random_batch(config.train.batch_size, config.train.seq_len, VOCAB, seed=i, packed=i % 2 == 1)
-            state, metrics = step(state, sharding.to_global_batch(batch, mesh, rules))
+            state, metrics = step(state, sharding.to_global_batch(batch, mesh, rules), None)
             losses.append(float(metrics["loss"]))
         return np.array(losses), jax.device_get(state["params"])
 
@@ -123,11 +123,11 @@ def test_float16_uses_dynamic_loss_scaling_and_skips_overflowing_steps():
         state = init_state(model, tx, layout, seed=0)
         step = make_train_step(make_objective("pretrain", model, config.train), tx, layout, mesh, rules)
         batch = sharding.to_global_batch(random_batch(8, 16, VOCAB), mesh, rules)
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, None)
         assert np.isfinite(float(metrics["loss"])) and float(metrics["loss_scale"]) <= 2.0**15
         before = jax.device_get(state["params"])
         state["loss_scale"] = {"scale": jnp.float32(1e38), "good_steps": jnp.int32(0)}  # overflows in float16
-        state, metrics = step(state, batch)
+        state, metrics = step(state, batch, None)
         assert float(metrics["loss_scale"]) == pytest.approx(5e37)
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), before)
 

@@ -1,7 +1,8 @@
 """The model as pure functions over a params pytree.
 
 ``Model.init(rng) -> params`` and ``Model.apply(params, tokens, positions,
-segment_ids) -> (logits, aux)`` hide NNX's split/merge, so training, LoRA, the
+segment_ids) -> (logits, aux)`` hide NNX's split/merge (``init_cache`` and
+``apply_cached`` are the KV-cached decode path), so training, LoRA, the
 DPO reference and per-example gradients all work on plain nested dicts.
 """
 
@@ -15,7 +16,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from maxlm import sharding
-from maxlm.models.transformer import ModelConfig, Transformer
+from maxlm.models.transformer import ModelConfig, Transformer, init_cache
 from maxlm.sharding import Rules
 
 Params = dict[str, Any]
@@ -39,6 +40,19 @@ class Model:
         state = jax.tree.map(lambda x: x, self.abstract_state)
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)(tokens, positions, segment_ids, dropout_rng)
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+        """An empty KV cache for ``apply_cached`` (see ``transformer.init_cache``)."""
+        return init_cache(self.cfg, batch, max_len, dtype)
+
+    def apply_cached(self, params: Params, tokens, positions, valid, cache: dict, index):
+        """Float32 logits ``[batch, t, vocab]`` of a chunk run against ``cache``, and the new cache.
+
+        The chunk's K/V go to cache slots ``[index, index + t)``; ``valid`` is False for padding.
+        """
+        state = jax.tree.map(lambda x: x, self.abstract_state)
+        nnx.replace_by_pure_dict(state, params)
+        return nnx.merge(self.graphdef, state).decode(tokens, positions, valid, cache, index)
 
     def abstract_params(self) -> Params:
         return nnx.to_pure_dict(self.abstract_state)

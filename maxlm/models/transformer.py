@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from maxlm import sharding
-from maxlm.models.attention import attention
+from maxlm.models.attention import attention, attention_mask, xla_attention
 from maxlm.sharding import Rules
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -146,7 +146,7 @@ class Attention(nnx.Module):
             self.bv = _param(rngs, (k, hd), ("kv_heads", "head_dim"), 0.0, p)
             self.bo = _param(rngs, (d,), ("embed",), 0.0, p)
 
-    def __call__(self, x, positions, segment_ids):
+    def _qkv(self, x, positions):
         cfg, dt = self.cfg, self.cfg.dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
@@ -155,12 +155,40 @@ class Attention(nnx.Module):
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         if cfg.position == "rope":
             q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        return q, k, v
+
+    def _out(self, out):
+        dt = self.cfg.dtype
+        out = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
+        return out + self.bo[...].astype(dt) if self.cfg.use_bias else out
+
+    def __call__(self, x, positions, segment_ids):
+        cfg = self.cfg
+        q, k, v = self._qkv(x, positions)
         heads = ("activation_batch", "activation_length", "activation_heads", None)
         q = sharding.constrain(q, heads, self.rules)
         out = attention(q, k, v, segment_ids=segment_ids, positions=positions, impl=cfg.attention,
                         sliding_window=cfg.sliding_window, rules=self.rules)
-        out = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
-        return out + self.bo[...].astype(dt) if cfg.use_bias else out
+        return self._out(out)
+
+    def decode(self, x, positions, cache_k, cache_v, layer, index, kv_positions, kv_valid):
+        """Writes this chunk's K/V into layer ``layer`` of the cache at slot ``index``, attends over it.
+
+        ``cache_k``/``cache_v`` are the whole stacked cache ``[layers, batch, max_len, kv_heads,
+        head_dim]`` (updated in place, only the chunk is written); ``kv_positions`` and ``kv_valid``
+        ``[batch, max_len]`` describe every slot (already including this chunk). A key is seen when
+        it is valid, not after the query's position, and inside the sliding window.
+        """
+        q, k, v = self._qkv(x, positions)
+        start = (layer, 0, index, 0, 0)
+        cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), start)
+        cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), start)
+        keys = jax.lax.dynamic_index_in_dim(cache_k, layer, keepdims=False).astype(q.dtype)
+        values = jax.lax.dynamic_index_in_dim(cache_v, layer, keepdims=False).astype(q.dtype)
+        mask = attention_mask(jnp.ones_like(positions), kv_valid.astype(positions.dtype), positions,
+                              kv_positions, causal=True, sliding_window=self.cfg.sliding_window)
+        out = xla_attention(q, keys, values, mask, scale=q.shape[-1] ** -0.5)
+        return self._out(out), cache_k, cache_v
 
 
 class MLP(nnx.Module):
@@ -209,6 +237,17 @@ class Block(nnx.Module):
         x = self.attn_norm(x + _dropout(self.attn(x, positions, segment_ids), rate, rngs[0]))
         return self.mlp_norm(x + _dropout(self.mlp(x), rate, rngs[1]))
 
+    def decode(self, x, positions, cache_k, cache_v, layer, index, kv_positions, kv_valid):
+        """The block over a cached chunk (no dropout); returns ``(y, cache_k, cache_v)``."""
+        cached = (layer, index, kv_positions, kv_valid)
+        if self.cfg.norm_position == "pre":
+            a, cache_k, cache_v = self.attn.decode(self.attn_norm(x), positions, cache_k, cache_v, *cached)
+            x = x + a
+            return x + self.mlp(self.mlp_norm(x)), cache_k, cache_v
+        a, cache_k, cache_v = self.attn.decode(x, positions, cache_k, cache_v, *cached)
+        x = self.attn_norm(x + a)
+        return self.mlp_norm(x + self.mlp(x)), cache_k, cache_v
+
 
 class Transformer(nnx.Module):
     """Token (+ position) embedding, ``num_layers`` blocks, final norm, LM head."""
@@ -235,22 +274,59 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens, positions, segment_ids, dropout_rng=None):
         """Returns float32 logits ``[batch, len, vocab]`` and the last block's output norm."""
-        cfg, dt = self.cfg, self.cfg.dtype
+        cfg = self.cfg
         act = ("activation_batch", "activation_length", "activation_embed")
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
-        if cfg.position == "learned":
-            x = x + jnp.take(self.pos_embed[...], positions + cfg.position_offset, axis=0).astype(dt)
+        x = self._embed(tokens, positions)
         x = _dropout(x, cfg.dropout, dropout_rng)
         x = sharding.constrain(x, act, self.rules)
         x = self._run_blocks(x, positions, segment_ids, dropout_rng)
         last_norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), -1)).mean()
+        logits = sharding.constrain(self._head(x), ("activation_batch", "activation_length", "activation_vocab"),
+                                    self.rules)
+        return logits, {"last_layer_act_norm": last_norm}
+
+    def _embed(self, tokens, positions):
+        cfg, dt = self.cfg, self.cfg.dtype
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        if cfg.position == "learned":
+            x = x + jnp.take(self.pos_embed[...], positions + cfg.position_offset, axis=0).astype(dt)
+        return x
+
+    def _head(self, x):
+        cfg, dt = self.cfg, self.cfg.dtype
         if cfg.norm_position == "pre":
             x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
-        logits = sharding.constrain(logits, ("activation_batch", "activation_length", "activation_vocab"),
-                                    self.rules)
-        return logits, {"last_layer_act_norm": last_norm}
+        return jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+
+    def decode(self, tokens, positions, valid, cache, index):
+        """Runs a chunk ``tokens [batch, t]`` against a KV cache (see ``init_cache``).
+
+        The chunk is written at cache slots ``[index, index + t)`` (the same slots for every row), with
+        its ``positions`` and ``valid`` mask (False for padding). Returns float32 logits
+        ``[batch, t, vocab]`` and the updated cache. Prefill is a chunk of the whole prompt at index 0,
+        a decode step a chunk of one token.
+        """
+        x = self._embed(tokens, positions)
+        kv_positions = jax.lax.dynamic_update_slice(cache["pos"], positions.astype(jnp.int32), (0, index))
+        kv_valid = jax.lax.dynamic_update_slice(cache["valid"], valid.astype(jnp.bool_), (0, index))
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def one_block(carry, layer):
+            x, k, v = carry
+            params, i = layer
+            block = nnx.merge(graphdef, params)
+            return block.decode(x, positions, k, v, i, index, kv_positions, kv_valid), None
+
+        carry = (x, cache["k"], cache["v"])  # the whole cache is carried and written in place
+        indices = jnp.arange(self.cfg.num_layers)
+        if self.cfg.scan_layers:
+            carry, _ = jax.lax.scan(one_block, carry, (stacked, indices))
+        else:
+            for i in range(self.cfg.num_layers):
+                carry, _ = one_block(carry, (jax.tree.map(lambda a: a[i], stacked), i))
+        x, k, v = carry
+        return self._head(x), {"k": k, "v": v, "pos": kv_positions, "valid": kv_valid}
 
     def _run_blocks(self, x, positions, segment_ids, dropout_rng):
         graphdef, stacked = nnx.split(self.blocks)
@@ -272,3 +348,12 @@ class Transformer(nnx.Module):
         for i in range(self.cfg.num_layers):
             x, _ = one_block(x, (jax.tree.map(lambda a: a[i], stacked), indices[i]))
         return x
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache: ``k``/``v`` ``[layers, batch, max_len, kv_heads, head_dim]`` (compute dtype,
+    only the kv heads under GQA/MQA), each slot's ``pos`` ``[batch, max_len]`` and ``valid`` mask."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = dtype or cfg.dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+            "pos": jnp.zeros((batch, max_len), jnp.int32), "valid": jnp.zeros((batch, max_len), jnp.bool_)}

@@ -16,6 +16,7 @@ from maxlm import config as config_lib
 from maxlm import sharding
 from maxlm.checkpoint import Checkpointer, load_params
 from maxlm.models import build_model
+from maxlm.models.lora import LoraConfig
 from maxlm.models.transformer import ModelConfig
 from maxlm.train import data as train_data
 from maxlm.train.events import log_event, read_events
@@ -25,7 +26,7 @@ from maxlm.train.objectives import make_objective
 from maxlm.train.optimizer import make_optimizer, set_rollback_scales
 from maxlm.train.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
 from maxlm.train.sample import sample_text
-from maxlm.train.step import init_state, make_eval_step, make_train_step, state_layout
+from maxlm.train.step import init_frozen, init_state, make_eval_step, make_train_step, state_layout
 
 
 class Preempted(SystemExit):
@@ -35,9 +36,9 @@ class Preempted(SystemExit):
         super().__init__(PREEMPTED_EXIT_CODE)
 
 
-def evaluate(eval_step, params, batches, mesh, rules) -> float:
+def evaluate(eval_step, params, frozen, batches, mesh, rules) -> float:
     """Mean per-token loss over the given batches."""
-    totals = [eval_step(params, sharding.to_global_batch(b, mesh, rules)) for b in batches]
+    totals = [eval_step(params, sharding.to_global_batch(b, mesh, rules), frozen) for b in batches]
     loss_sum = sum(float(t["loss_sum"]) for t in totals)
     return loss_sum / max(sum(float(t["num_tokens"]) for t in totals), 1.0)
 
@@ -89,17 +90,24 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
 
     model = build_model(model_cfg, rules)
     tx = make_optimizer(t)
-    layout = state_layout(model, tx, mesh)
+    lora = LoraConfig(config.lora.rank, config.lora.alpha, config.lora.targets) if config.lora.rank else None
+    layout = state_layout(model, tx, mesh, lora)
     objective = make_objective(t.objective, model, t)
     logging.info("model: %.2fM params, mesh %s", model_cfg.num_params() / 1e6, dict(mesh.shape))
     guard = _guard(config, workdir)
 
     with jax.set_mesh(mesh):
+        def load_pretrained(abstract_params):
+            logging.info("loading params from %s", config.init_from)
+            return load_params(config.init_from, abstract_params)
+
+        frozen = None
+        if lora:  # the base: loaded or made afresh on every (re)start, never checkpointed
+            frozen = (load_pretrained(layout.frozen_abstract) if config.init_from
+                      else init_frozen(model, layout, config.seed))
+
         def fresh_state():
-            params = None
-            if config.init_from:
-                params = load_params(config.init_from, layout.abstract["params"])
-                logging.info("initialised params from %s", config.init_from)
+            params = load_pretrained(layout.abstract["params"]) if config.init_from and not lora else None
             return init_state(model, tx, layout, config.seed, params)
 
         restored = ckpt.restore(layout.abstract, data_iterator=data.train)
@@ -123,7 +131,7 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
         step = start_step
         while step < t.steps:
             batch = _poison(next(data.train), step, nan_steps)
-            state, metrics = train_step(state, sharding.to_global_batch(batch, mesh, rules))
+            state, metrics = train_step(state, sharding.to_global_batch(batch, mesh, rules), frozen)
             interval_steps += 1
             done = step + 1
             if guard:
@@ -143,7 +151,7 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
                 last.update(metrics)
                 interval_start, interval_steps = time.perf_counter(), 0
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-                last["val_loss"] = evaluate(eval_step, state["params"], data.val_batches(), mesh, rules)
+                last["val_loss"] = evaluate(eval_step, state["params"], frozen, data.val_batches(), mesh, rules)
                 writer.write(done, {"val_loss": last["val_loss"]})
                 interval_start, interval_steps = time.perf_counter(), 0
             if not (guard and guard.suspect):
@@ -157,8 +165,8 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
             step = done
 
         if is_primary and config.sample.num_tokens:
-            text = sample_text(model, state["params"], data.tokenizer, config.sample, seed=config.seed,
-                               window=t.seq_len)
+            text = sample_text(model, layout.model_params(state["params"], frozen), data.tokenizer, config.sample,
+                               seed=config.seed, window=t.seq_len)
             with open(os.path.join(workdir, "sample.txt"), "w") as f:
                 f.write(text)
             writer.message(f"--- sample ---\n{text}\n--------------")

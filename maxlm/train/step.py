@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from maxlm import sharding
 from maxlm.models import Model
+from maxlm.models import lora as lora_lib
 from maxlm.train import loss_scale
 from maxlm.train.objectives import Objective
 from maxlm.train.optimizer import current_lr
@@ -26,20 +27,34 @@ TrainState = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class StateLayout:
-    """Abstract shapes and NamedShardings of the train state on a mesh."""
+    """Abstract shapes and NamedShardings of the train state (and, under LoRA, of the frozen base)."""
 
     abstract: TrainState  # leaves: jax.ShapeDtypeStruct with .sharding
     shardings: TrainState
+    lora: lora_lib.LoraConfig | None = None
+    frozen_abstract: Any = None  # the base params under LoRA, else None
+    frozen_shardings: Any = None
 
     @property
     def param_shardings(self):
         return self.shardings["params"]
 
+    def model_params(self, trainable, frozen):
+        """What the model runs with: the trained params, or the frozen base with the adapters folded in."""
+        return lora_lib.merge(frozen, trainable, self.lora) if self.lora else trainable
 
-def state_layout(model: Model, tx: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
-    abstract_params = model.abstract_params()
-    param_specs = jax.tree.map(lambda spec, a: sharding.fit_spec(spec, a.shape, mesh), model.param_specs(),
-                               abstract_params, is_leaf=lambda x: isinstance(x, P))
+
+def state_layout(model: Model, tx: optax.GradientTransformation, mesh: Mesh,
+                 lora: lora_lib.LoraConfig | None = None) -> StateLayout:
+    fit = lambda specs, shapes: jax.tree.map(lambda spec, a: sharding.fit_spec(spec, a.shape, mesh), specs, shapes,
+                                             is_leaf=lambda x: isinstance(x, P))
+    base_params = model.abstract_params()
+    base_specs = fit(model.param_specs(), base_params)
+    if lora:
+        abstract_params = jax.eval_shape(lambda rng: lora_lib.init_lora(rng, base_params, lora), jax.random.key(0))
+        param_specs = fit(lora_lib.lora_specs(base_specs, lora, base_params), abstract_params)
+    else:
+        abstract_params, param_specs = base_params, base_specs
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt, param_specs,
                                       transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
@@ -50,19 +65,33 @@ def state_layout(model: Model, tx: optax.GradientTransformation, mesh: Mesh) -> 
         abstract["loss_scale"] = jax.eval_shape(loss_scale.init)
         specs["loss_scale"] = jax.tree.map(lambda _: P(), abstract["loss_scale"])
     shardings = sharding.named_shardings(mesh, specs)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return StateLayout(abstract, shardings)
+    with_sharding = lambda tree, sh: jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+    if not lora:
+        return StateLayout(with_sharding(abstract, shardings), shardings)
+    frozen_shardings = sharding.named_shardings(mesh, base_specs)
+    return StateLayout(with_sharding(abstract, shardings), shardings, lora,
+                       with_sharding(base_params, frozen_shardings), frozen_shardings)
+
+
+def init_frozen(model: Model, layout: StateLayout, seed: int):
+    """A random base for LoRA when no ``init_from`` is given (tests, smoke runs), created sharded."""
+    return jax.jit(lambda rng: model.init(jax.random.split(rng)[0]),
+                   out_shardings=layout.frozen_shardings)(jax.random.key(seed))
 
 
 def init_state(model: Model, tx: optax.GradientTransformation, layout: StateLayout, seed: int,
                params=None) -> TrainState:
     """Creates the state directly with its shardings (no full copy on one device).
 
-    ``params`` (already sharded, e.g. from ``init_from``) replaces the random init.
+    ``params`` (already sharded, e.g. from ``init_from``) replaces the random init. Under LoRA the
+    state's params are fresh adapters (the base is passed to the step separately).
     """
     def init(rng, params):
         param_rng, dropout_rng = jax.random.split(rng)
-        if params is None:
+        if layout.lora:
+            params = lora_lib.init_lora(param_rng, model.abstract_params(), layout.lora)
+        elif params is None:
             params = model.init(param_rng)
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
                  "rng": jax.random.key_data(dropout_rng)}
@@ -86,16 +115,19 @@ def _split_micro_batches(batch, num: int):
 
 def make_train_step(objective: Objective, tx: optax.GradientTransformation, layout: StateLayout,
                     mesh: Mesh, rules, *, grad_accum: int = 1):
-    """``step(state, batch) -> (state, metrics)`` compiled with explicit shardings; ``state`` is donated."""
+    """``step(state, batch, frozen) -> (state, metrics)`` with explicit shardings; ``state`` is donated.
 
-    def train_step(state: TrainState, batch):
+    ``frozen`` is the LoRA base (not trained, not donated), or None.
+    """
+
+    def train_step(state: TrainState, batch, frozen):
         params = state["params"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         normalizer = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
         scale = state.get("loss_scale")
 
         def scaled_objective(params, batch, rng):
-            loss, metrics = objective(params, batch, rng)
+            loss, metrics = objective(layout.model_params(params, frozen), batch, rng)
             return (loss if scale is None else loss_scale.scale_loss(loss, scale)), metrics
 
         grad_fn = jax.value_and_grad(scaled_objective, has_aux=True)
@@ -140,17 +172,17 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, layo
         return new_state, out
 
     batch_sharding = NamedSharding(mesh, sharding.batch_spec(rules))
-    return jax.jit(train_step, in_shardings=(layout.shardings, batch_sharding),
+    return jax.jit(train_step, in_shardings=(layout.shardings, batch_sharding, layout.frozen_shardings),
                    out_shardings=(layout.shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
 def make_eval_step(objective: Objective, layout: StateLayout, mesh: Mesh, rules):
-    """``eval_step(params, batch) -> {loss_sum, num_tokens}`` (no dropout)."""
+    """``eval_step(params, batch, frozen) -> {loss_sum, num_tokens}`` (no dropout)."""
 
-    def eval_step(params, batch):
-        _, metrics = objective(params, batch, None)
+    def eval_step(params, batch, frozen):
+        _, metrics = objective(layout.model_params(params, frozen), batch, None)
         return {"loss_sum": metrics["loss_sum"], "num_tokens": metrics["num_tokens"]}
 
     batch_sharding = NamedSharding(mesh, sharding.batch_spec(rules))
-    return jax.jit(eval_step, in_shardings=(layout.param_shardings, batch_sharding),
+    return jax.jit(eval_step, in_shardings=(layout.param_shardings, batch_sharding, layout.frozen_shardings),
                    out_shardings=NamedSharding(mesh, P()))

@@ -1,0 +1,99 @@
+"""LoRA as a pure function over the params pytree: ``W + (alpha / rank) · A @ B`` for selected weights.
+
+The base params stay frozen (an argument of the jitted step, never in the optimizer); only the
+adapters ``{path: {'a', 'b'}}`` are trained and checkpointed. ``B`` starts at zero, so step 0 is the
+base model exactly. Adapters carry the logical axes of the weight they adapt, so they shard like it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+Params = dict[str, Any]
+
+# Number of leading "input" axes of each weight (after the stacked ``layers`` axis of block weights).
+_INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1, "lm_head": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int
+    alpha: float
+    targets: str  # regex over "/"-joined parameter paths, e.g. "attn/w[qkvo]|mlp/w_(gate|up|down)"
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _split(path: str, shape) -> tuple[int, int]:
+    """(index where the input axes start, index where the output axes start)."""
+    name = path.rsplit("/", 1)[-1]
+    if name not in _INPUT_AXES:
+        raise ValueError(f"lora.targets matched {path!r}, which is not a weight matrix LoRA can adapt")
+    start = 1 if path.startswith("blocks/") else 0
+    return start, start + _INPUT_AXES[name]
+
+
+def target_paths(params: Params, cfg: LoraConfig) -> list[str]:
+    paths = [_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    chosen = [p for p in paths if re.search(cfg.targets, p)]
+    if not chosen:
+        raise ValueError(f"lora.targets={cfg.targets!r} matches no parameter; paths look like {paths[:4]}")
+    return chosen
+
+
+def _leaves_by_path(tree) -> dict[str, Any]:
+    return {_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, P))[0]}
+
+
+def init_lora(rng: jax.Array, abstract_params: Params, cfg: LoraConfig) -> Params:
+    """Adapters for every targeted weight: A ~ N(0, 1/fan_in), B = 0."""
+    shapes = _leaves_by_path(abstract_params)
+    adapters = {}
+    for i, path in enumerate(target_paths(abstract_params, cfg)):
+        shape = shapes[path].shape
+        start, out = _split(path, shape)
+        fan_in = math.prod(shape[start:out])
+        a = jax.random.normal(jax.random.fold_in(rng, i), (*shape[:out], cfg.rank), jnp.float32) / math.sqrt(fan_in)
+        adapters[path] = {"a": a, "b": jnp.zeros((*shape[:start], cfg.rank, *shape[out:]), jnp.float32)}
+    return adapters
+
+
+def lora_specs(param_specs: Params, cfg: LoraConfig, abstract_params: Params) -> Params:
+    """PartitionSpecs of the adapters: A shards like the weight's input axes, B like its output axes."""
+    specs, shapes = _leaves_by_path(param_specs), _leaves_by_path(abstract_params)
+    out = {}
+    for path in target_paths(abstract_params, cfg):
+        spec = tuple(specs[path]) + (None,) * (len(shapes[path].shape) - len(specs[path]))
+        start, split = _split(path, shapes[path].shape)
+        out[path] = {"a": P(*spec[:split], None), "b": P(*spec[:start], None, *spec[split:])}
+    return out
+
+
+def delta(path: str, adapter: Params, shape, scale: float) -> jax.Array:
+    """``scale · A @ B`` reshaped to the weight's shape."""
+    start, split = _split(path, shape)
+    lead = math.prod(shape[:start])
+    a = adapter["a"].reshape(lead, math.prod(shape[start:split]), -1)
+    b = adapter["b"].reshape(lead, a.shape[-1], math.prod(shape[split:]))
+    return (scale * (a @ b)).reshape(shape)
+
+
+def merge(params: Params, adapters: Params, cfg: LoraConfig) -> Params:
+    """Base params with the adapters folded in (also how the model runs under LoRA, and how it is exported)."""
+    def fold(path, w):
+        key = _path(path)
+        return w + delta(key, adapters[key], w.shape, cfg.scale).astype(w.dtype) if key in adapters else w
+    return jax.tree_util.tree_map_with_path(fold, params)

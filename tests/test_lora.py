@@ -1,0 +1,116 @@
+"""LoRA: identity at init, only adapters train, merge == base + A@B, adapter-only checkpoints, memory."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from maxlm import sharding
+from maxlm.checkpoint import read_state
+from maxlm.models import build_model, lora
+from maxlm.models.transformer import ModelConfig
+from maxlm.train.events import read_events
+from maxlm.train.loop import train
+from maxlm.train.objectives import make_objective
+from maxlm.train.optimizer import make_optimizer
+from maxlm.train.step import init_frozen, init_state, make_train_step, state_layout
+from tests.helpers import random_batch, tiny_config
+
+CFG = lora.LoraConfig(rank=4, alpha=8.0, targets=r"attn/w[qkvo]|mlp/w_(gate|up|down)")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _model():
+    cfg = ModelConfig(vocab_size=61, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
+                      max_seq_len=32, attention="xla")
+    model = build_model(cfg)
+    return model, jax.jit(model.init)(jax.random.key(0))
+
+
+def _logits(model, params, batch):
+    return model.apply(params, batch["tokens"], batch["positions"], batch["segment_ids"])[0]
+
+
+def test_lora_at_init_is_the_base_model():
+    model, base = _model()
+    adapters = lora.init_lora(jax.random.key(1), base, CFG)
+    assert sorted(adapters) == ["blocks/attn/wk", "blocks/attn/wo", "blocks/attn/wq", "blocks/attn/wv",
+                                "blocks/mlp/w_down", "blocks/mlp/w_gate", "blocks/mlp/w_up"]
+    batch = random_batch(2, 8, 61)
+    np.testing.assert_array_equal(_logits(model, lora.merge(base, adapters, CFG), batch), _logits(model, base, batch))
+
+
+def test_merge_adds_scaled_a_times_b():
+    model, base = _model()
+    adapters = lora.init_lora(jax.random.key(1), base, CFG)
+    adapters = jax.tree.map(lambda x: x + 0.1, adapters)  # non-zero B
+    merged = lora.merge(base, adapters, CFG)
+    a, b = adapters["blocks/attn/wo"]["a"], adapters["blocks/attn/wo"]["b"]  # wo: [L, heads, head_dim | embed]
+    expected = base["blocks"]["attn"]["wo"] + CFG.scale * jnp.einsum("lhkr,lrd->lhkd", a, b)
+    np.testing.assert_allclose(merged["blocks"]["attn"]["wo"], expected, rtol=1e-6)
+    np.testing.assert_array_equal(merged["embed"], base["embed"])
+    batch = random_batch(2, 8, 61)
+    assert not np.allclose(_logits(model, merged, batch), _logits(model, base, batch))
+
+
+def test_bad_targets_are_errors():
+    _, base = _model()
+    with pytest.raises(ValueError, match="matches no parameter"):
+        lora.init_lora(jax.random.key(0), base, lora.LoraConfig(4, 8.0, "nothing_here"))
+    with pytest.raises(ValueError, match="not a weight matrix"):
+        lora.init_lora(jax.random.key(0), base, lora.LoraConfig(4, 8.0, "norm"))
+
+
+def test_only_adapters_train_and_the_base_is_untouched():
+    config = tiny_config()
+    mesh = sharding.make_mesh(2, 2, 2)
+    rules = sharding.DEFAULT_RULES
+    model = build_model(ModelConfig.from_config(config.model, 61), rules)
+    tx = make_optimizer(config.train)
+    layout = state_layout(model, tx, mesh, CFG)
+    with jax.set_mesh(mesh):
+        frozen = init_frozen(model, layout, seed=0)
+        before = jax.device_get(frozen)
+        state = init_state(model, tx, layout, seed=0)
+        adapters0 = jax.device_get(state["params"])
+        step = make_train_step(make_objective("pretrain", model, config.train), tx, layout, mesh, rules)
+        for i in range(3):  # B moves first (A's gradient is 0 while B is 0), then A
+            batch = sharding.to_global_batch(random_batch(8, 16, 61, seed=i), mesh, rules)
+            state, metrics = step(state, batch, frozen)
+    assert np.isfinite(float(metrics["loss"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(frozen), before)
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), jax.device_get(state["params"]), adapters0)
+    assert all(jax.tree.leaves(changed))
+    assert set(state["opt_state"][1].inner_state[0].mu) == set(adapters0)  # optimizer state: adapters only
+
+
+def test_adapter_only_checkpoint_round_trip(tmp_path):
+    config = tiny_config()
+    config.lora.rank = 4
+    config.train.update(steps=4)
+    config.checkpoint.update(every_steps=2, async_save=False)
+    train(config, str(tmp_path))
+    saved = read_state(tmp_path)
+    assert set(saved["params"]) == {"blocks/attn/wq", "blocks/attn/wk", "blocks/attn/wv", "blocks/attn/wo",
+                                    "blocks/mlp/w_gate", "blocks/mlp/w_up", "blocks/mlp/w_down"}
+    config.train.steps = 6
+    train(config, str(tmp_path))  # resumes the adapters onto the same (seeded) base
+    assert [e["step"] for e in read_events(tmp_path) if e["event"] == "resume"] == [4]
+    assert int(read_state(tmp_path)["step"]) == 6
+
+
+def test_lora_shrinks_the_optimizer_state_of_a_124m_model_over_50x():
+    spec = importlib.util.spec_from_file_location("gpt2", os.path.join(ROOT, "configs", "gpt2_small.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    model = build_model(ModelConfig.from_config(config.model))
+    tx = make_optimizer(config.train)
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    full = state_layout(model, tx, mesh)
+    low = state_layout(model, tx, mesh, lora.LoraConfig(8, 16.0, r"attn/w[qkvo]|mlp/w_(gate|up|down)"))
+    assert nbytes(full.abstract["opt_state"]) / nbytes(low.abstract["opt_state"]) > 50
