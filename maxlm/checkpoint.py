@@ -63,7 +63,7 @@ class Checkpointer:
     ):
         if keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).absolute()  # Orbax needs absolute paths
         self.directory = self.workdir / "checkpoints"
         save_policies: list[Any] = [policies.PreemptionCheckpointingPolicy()]
         if every_steps > 0:
@@ -217,7 +217,7 @@ def load_params(path: str | os.PathLike, abstract_params: PyTree) -> PyTree:
     `checkpoints/<step>` dir. `abstract_params` is the params pytree with
     `jax.ShapeDtypeStruct` leaves carrying the target shardings.
     """
-    state_dir = epath.Path(_find_step_dir(Path(path)) / "state")
+    state_dir = epath.Path(_find_step_dir(Path(path).absolute()) / "state")
     target = {"params": abstract_params}
     handler = ocp.PyTreeCheckpointHandler()
     try:
@@ -237,7 +237,7 @@ def load_params(path: str | os.PathLike, abstract_params: PyTree) -> PyTree:
 
 def read_state(workdir: str | os.PathLike, step: int | None = None) -> PyTree:
     """The whole saved train state of ``step`` (default: the latest) as numpy arrays: for inspection and tests."""
-    root = Path(workdir) / "checkpoints"
+    root = Path(workdir).absolute() / "checkpoints"
     steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
     if not steps:
         raise FileNotFoundError(f"no checkpoints in {root}")

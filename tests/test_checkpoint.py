@@ -11,7 +11,7 @@ import optax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from maxlm.checkpoint import CheckpointMismatchError, CheckpointRestoreError, Checkpointer, load_params
+from maxlm.checkpoint import CheckpointMismatchError, CheckpointRestoreError, Checkpointer, load_params, read_state
 from maxlm.train.events import read_events
 
 # tests/conftest.py gives JAX 8 fake CPU devices.
@@ -303,4 +303,19 @@ def test_async_save_is_not_disturbed_by_donating_the_state(tmp_path):
         state = step(state)
     jax.block_until_ready(state)
     _assert_bitwise_equal(ckpt.restore(abstract)[0], expected)
+    ckpt.close()
+
+
+def test_relative_workdirs_work(tmp_path, monkeypatch):
+    """README's command uses --workdir=runs/NAME: Orbax itself only takes absolute paths."""
+    monkeypatch.chdir(tmp_path)
+    state = {"w": jnp.arange(4.0)}
+    ckpt = Checkpointer("runs/rel", every_steps=1, async_save=True)
+    for step in (1, 2):
+        ckpt.save(step, state)
+    ckpt.wait()
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    restored, step = Checkpointer("runs/rel").restore(abstract)
+    assert step == 2 and np.array_equal(restored["w"], state["w"])
+    np.testing.assert_array_equal(read_state("runs/rel")["w"], state["w"])
     ckpt.close()
