@@ -1,9 +1,9 @@
 """The model as pure functions over a params pytree.
 
 ``Model.init(rng) -> params`` and ``Model.apply(params, tokens, positions,
-segment_ids) -> (logits, aux)`` hide NNX's split/merge (``init_cache`` and
-``apply_cached`` are the KV-cached decode path), so training, LoRA, the
+segment_ids) -> (logits, aux)`` hide NNX's split/merge, so training, LoRA, the
 DPO reference and per-example gradients all work on plain nested dicts.
+``init_cache`` and ``apply_cached`` are the KV-cached decode path (``maxlm/generate.py``).
 """
 
 from __future__ import annotations
