@@ -310,44 +310,40 @@ class Transformer(nnx.Module):
         x = self._embed(tokens, positions)
         kv_positions = jax.lax.dynamic_update_slice(cache["pos"], positions.astype(jnp.int32), (0, index))
         kv_valid = jax.lax.dynamic_update_slice(cache["valid"], valid.astype(jnp.bool_), (0, index))
-        graphdef, stacked = nnx.split(self.blocks)
 
-        def one_block(carry, layer):
+        def step(carry, block, i):
             x, k, v = carry
-            params, i = layer
-            block = nnx.merge(graphdef, params)
-            return block.decode(x, positions, k, v, i, index, kv_positions, kv_valid), None
+            return block.decode(x, positions, k, v, i, index, kv_positions, kv_valid)
 
-        carry = (x, cache["k"], cache["v"])  # the whole cache is carried and written in place
-        indices = jnp.arange(self.cfg.num_layers)
-        if self.cfg.scan_layers:
-            carry, _ = jax.lax.scan(one_block, carry, (stacked, indices))
-        else:
-            for i in range(self.cfg.num_layers):
-                carry, _ = one_block(carry, (jax.tree.map(lambda a: a[i], stacked), i))
-        x, k, v = carry
+        # the whole cache is carried and written in place
+        x, k, v = self._over_layers(step, (x, cache["k"], cache["v"]))
         return self._head(x), {"k": k, "v": v, "pos": kv_positions, "valid": kv_valid}
 
     def _run_blocks(self, x, positions, segment_ids, dropout_rng):
-        graphdef, stacked = nnx.split(self.blocks)
         act = ("activation_batch", "activation_length", "activation_embed")
 
-        def one_block(x, layer):
-            params, index = layer
+        def step(x, block, index):
             rng = jax.random.fold_in(dropout_rng, index) if dropout_rng is not None else None
-            y = nnx.merge(graphdef, params)(x, positions, segment_ids, rng)
-            return sharding.constrain(y, act, self.rules), None
+            return sharding.constrain(block(x, positions, segment_ids, rng), act, self.rules)
 
-        policy = REMAT_POLICIES[self.cfg.remat]
-        if self.cfg.remat != "none":
-            one_block = jax.checkpoint(one_block, policy=policy, prevent_cse=not self.cfg.scan_layers)
+        return self._over_layers(step, x, remat=self.cfg.remat)
+
+    def _over_layers(self, step, carry, remat: str = "none"):
+        """``carry = step(carry, block, layer_index)`` over the stacked layers, scanned or unrolled."""
+        graphdef, stacked = nnx.split(self.blocks)
+
+        def body(carry, layer):
+            params, index = layer
+            return step(carry, nnx.merge(graphdef, params), index), None
+
+        if remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=not self.cfg.scan_layers)
         indices = jnp.arange(self.cfg.num_layers)
         if self.cfg.scan_layers:
-            x, _ = jax.lax.scan(one_block, x, (stacked, indices))
-            return x
+            return jax.lax.scan(body, carry, (stacked, indices))[0]
         for i in range(self.cfg.num_layers):
-            x, _ = one_block(x, (jax.tree.map(lambda a: a[i], stacked), indices[i]))
-        return x
+            carry, _ = body(carry, (jax.tree.map(lambda a: a[i], stacked), indices[i]))
+        return carry
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
