@@ -63,6 +63,7 @@ def base_config() -> ConfigDict:
         sliding_window=0,  # 0: off; W: each query sees its last W keys
         remat="none",  # none | full | dots
         scan_layers=True,
+        value_head=False,  # a scalar head per position (train.objective=reward)
     ))
 
     c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules=DEFAULT_RULES))

@@ -56,6 +56,7 @@ class ModelConfig:
     sliding_window: int = 0
     remat: str = "none"
     scan_layers: bool = True
+    value_head: bool = False
 
     @classmethod
     def from_config(cls, model_cfg, vocab_size: int | None = None) -> "ModelConfig":
@@ -271,6 +272,8 @@ class Transformer(nnx.Module):
             self.final_norm = Norm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, p)
+        if cfg.value_head:  # a scalar per position (reward models): aux["values"]
+            self.value_head = _param(rngs, (cfg.d_model,), ("embed",), cfg.init_std, p)
 
     def __call__(self, tokens, positions, segment_ids, dropout_rng=None):
         """Returns float32 logits ``[batch, len, vocab]`` and the last block's output norm."""
@@ -280,10 +283,15 @@ class Transformer(nnx.Module):
         x = _dropout(x, cfg.dropout, dropout_rng)
         x = sharding.constrain(x, act, self.rules)
         x = self._run_blocks(x, positions, segment_ids, dropout_rng)
-        last_norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), -1)).mean()
+        aux = {"last_layer_act_norm": jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), -1)).mean()}
+        if cfg.norm_position == "pre":
+            x = self.final_norm(x)
+        if cfg.value_head:
+            aux["values"] = jnp.einsum("btd,d->bt", x, self.value_head[...].astype(x.dtype),
+                                       preferred_element_type=jnp.float32)
         logits = sharding.constrain(self._head(x), ("activation_batch", "activation_length", "activation_vocab"),
                                     self.rules)
-        return logits, {"last_layer_act_norm": last_norm}
+        return logits, aux
 
     def _embed(self, tokens, positions):
         cfg, dt = self.cfg, self.cfg.dtype
@@ -293,9 +301,8 @@ class Transformer(nnx.Module):
         return x
 
     def _head(self, x):
+        """LM head over the final (already normalised) hidden states."""
         cfg, dt = self.cfg, self.cfg.dtype
-        if cfg.norm_position == "pre":
-            x = self.final_norm(x)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         return jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
 
@@ -317,6 +324,8 @@ class Transformer(nnx.Module):
 
         # the whole cache is carried and written in place
         x, k, v = self._over_layers(step, (x, cache["k"], cache["v"]))
+        if self.cfg.norm_position == "pre":
+            x = self.final_norm(x)
         return self._head(x), {"k": k, "v": v, "pos": kv_positions, "valid": kv_valid}
 
     def _run_blocks(self, x, positions, segment_ids, dropout_rng):
