@@ -7,7 +7,9 @@ LayerNorm, vocab 65) with ``max_seq_len`` 1088, random weights, greedy decoding 
 a 64-token prompt, no eos (every run makes exactly ``new_tokens`` tokens). Both loops are one
 jitted ``lax.while_loop`` (``maxlm.generate.decode_cached`` / ``decode_without_cache``); the
 uncached one reruns the model over the whole ``prompt + new_tokens`` buffer every step. Times
-exclude compilation (one warm-up call) and include the prefill.
+exclude compilation (one warm-up call) and include the prefill. ``--num_beams=K`` adds beam search
+(``maxlm.generate.beam_search``, K cached rows per prompt, cache reordered every step) as a column:
+tokens of the best beam per second.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--uncached_repeats", type=int, default=1)
+    parser.add_argument("--num_beams", type=int, default=4, help="0: no beam search column")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
@@ -63,20 +66,24 @@ def main():
         t_plain, out_plain = timed(plain, call, args.uncached_repeats)
         same = np.array_equal(out_cached, out_plain)
         made = args.batch * n
-        rows.append((n, made / t_cached, made / t_plain, t_plain / t_cached, same))
+        t_beam = float("nan")
+        if args.num_beams:
+            beam = G.jitted(G.beam_search, model, num_beams=args.num_beams, max_new_tokens=n)
+            t_beam, _ = timed(beam, call[:-1], args.repeats)
+        rows.append((n, made / t_cached, made / t_plain, t_plain / t_cached, same, made / t_beam))
         print(rows[-1], flush=True)
 
     lines = [
         f"Command: `python benchmarks/generate.py --new_tokens={args.new_tokens} --batch={args.batch} "
-        f"--prompt_len={args.prompt_len}" + (f" --out {args.out}`" if args.out else "`"),
+        f"--prompt_len={args.prompt_len} --num_beams={args.num_beams}" + (f" --out {args.out}`" if args.out else "`"),
         "",
         (f"shakespeare_char shape (4 layers, d_model 128, max_seq_len 1088), batch {args.batch}, prompt "
          f"{args.prompt_len}, greedy, {jax.default_backend()} ({jax.device_count()} devices), jax {jax.__version__}"),
         "",
-        "| new tokens | cached tok/s | no cache tok/s | speed-up | same tokens |",
-        "| ---: | ---: | ---: | ---: | :---: |",
+        f"| new tokens | cached tok/s | no cache tok/s | speed-up | same tokens | {args.num_beams} beams tok/s |",
+        "| ---: | ---: | ---: | ---: | :---: | ---: |",
     ]
-    lines += [f"| {n} | {c:.1f} | {p:.1f} | {r:.1f}x | {s} |" for n, c, p, r, s in rows]
+    lines += [f"| {n} | {c:.1f} | {p:.1f} | {r:.1f}x | {s} | {b:.1f} |" for n, c, p, r, s, b in rows]
     lines += ["", ("Both are one jitted while_loop including the prefill, compile excluded. The uncached loop "
                    "reruns the model over the whole prompt + new_tokens buffer each step (fixed shape, as "
                    "maxlm.train.sample does); the cached step attends over the whole preallocated cache (masked).")]

@@ -15,6 +15,11 @@ Logits processors are pure functions ``processor(logits, ctx) -> logits`` over f
 The built-in ones are small frozen dataclasses; pass your own in ``processors=`` (they run after
 the built-in penalties and before temperature / top-k / top-p).
 
+``beam_search`` (``generate(num_beams=k)``) keeps ``k`` beams per prompt in one cache of
+``batch * k`` rows, reordered by beam parent every step; finished hypotheses are ranked by
+log-prob / length ** ``length_penalty``. ``stream`` runs the same prefill and step as ``generate``
+with the loop on the host, yielding each step's tokens as they are made (``launch/generate.py``).
+
 ``decode_without_cache`` runs the same loop recomputing the full prefix every step: the reference
 for tests and the baseline of ``benchmarks/generate.py``.
 """
@@ -22,7 +27,8 @@ for tests and the baseline of ``benchmarks/generate.py``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import jax
@@ -244,47 +250,63 @@ class _Loop(NamedTuple):
     out_logits: jax.Array  # [b, max_new, vocab] (or [b, 0, 0] when not kept)
 
 
+def _advance(s: _Loop, next_logits, lengths, rng, *, prompt_len: int, eos_id, pad_id: int, processors,
+             sampler: Sampler, keep_logits: bool) -> _Loop:
+    """One decode step: processors, sampling, eos bookkeeping, buffer writes, then the model on the new token."""
+    generated_slots = jnp.arange(s.tokens.shape[1]) >= prompt_len
+    ctx = Context(s.tokens, s.valid, generated_slots[None, :] & s.valid, s.step)
+    logits = s.logits
+    for proc in processors:
+        logits = proc(logits, ctx)
+    token = sampler(logits, jax.random.fold_in(rng, s.step))
+    token = jnp.where(s.done, pad_id, token)
+    ok = ~s.done
+    done = s.done | (token == eos_id) if eos_id is not None else s.done
+    slot = prompt_len + s.step
+    pos = lengths + s.step
+    out = s.out.at[:, s.step].set(token)
+    out_logits = s.out_logits.at[:, s.step].set(s.logits) if keep_logits else s.out_logits
+    tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, slot))
+    positions = jax.lax.dynamic_update_slice(s.positions, pos[:, None], (0, slot))
+    valid = jax.lax.dynamic_update_slice(s.valid, ok[:, None], (0, slot))
+    new = s._replace(tokens=tokens, positions=positions, valid=valid)
+    logits, model_state = next_logits(s.model_state, new, slot, token, pos, ok)
+    return _Loop(s.step + 1, logits, model_state, tokens, positions, valid, done, out, out_logits)
+
+
 def _decode_loop(next_logits, first_logits, model_state, tokens, positions, valid, lengths, rng, *,
                  prompt_len: int, max_new_tokens: int, eos_id, pad_id: int, processors, sampler: Sampler,
                  keep_logits: bool):
     """The shared while_loop; ``next_logits(model_state, loop_state, slot, token, pos, ok)`` runs the model."""
-    b, vocab = first_logits.shape
-    generated_slots = jnp.arange(tokens.shape[1]) >= prompt_len
-
-    def body(s: _Loop):
-        ctx = Context(s.tokens, s.valid, jnp.broadcast_to(generated_slots, s.valid.shape) & s.valid, s.step)
-        logits = s.logits
-        for proc in processors:
-            logits = proc(logits, ctx)
-        token = sampler(logits, jax.random.fold_in(rng, s.step))
-        token = jnp.where(s.done, pad_id, token)
-        ok = ~s.done
-        done = s.done | (token == eos_id) if eos_id is not None else s.done
-        slot = prompt_len + s.step
-        pos = lengths + s.step
-        out = s.out.at[:, s.step].set(token)
-        out_logits = s.out_logits.at[:, s.step].set(s.logits) if keep_logits else s.out_logits
-        tokens = jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, slot))
-        positions = jax.lax.dynamic_update_slice(s.positions, pos[:, None], (0, slot))
-        valid = jax.lax.dynamic_update_slice(s.valid, ok[:, None], (0, slot))
-        new = s._replace(tokens=tokens, positions=positions, valid=valid)
-        logits, model_state = next_logits(s.model_state, new, slot, token, pos, ok)
-        return _Loop(s.step + 1, logits, model_state, tokens, positions, valid, done, out, out_logits)
-
-    def cond(s: _Loop):
-        return (s.step < max_new_tokens) & ~jnp.all(s.done)
-
-    out_logits = jnp.zeros((b, max_new_tokens, vocab) if keep_logits else (b, 0, 0), jnp.float32)
-    init = _Loop(jnp.int32(0), first_logits, model_state, tokens, positions, valid, jnp.zeros(b, jnp.bool_),
-                 jnp.full((b, max_new_tokens), pad_id, jnp.int32), out_logits)
-    final = jax.lax.while_loop(cond, body, init)
+    init = _initial_loop(first_logits, model_state, tokens, positions, valid, max_new_tokens=max_new_tokens,
+                         pad_id=pad_id, keep_logits=keep_logits)
+    step = functools.partial(_advance, next_logits=next_logits, lengths=lengths, rng=rng, prompt_len=prompt_len,
+                             eos_id=eos_id, pad_id=pad_id, processors=processors, sampler=sampler,
+                             keep_logits=keep_logits)
+    final = jax.lax.while_loop(lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done), step, init)
     return final.out, final.out_logits, final.step
+
+
+def _initial_loop(first_logits, model_state, tokens, positions, valid, *, max_new_tokens: int, pad_id: int,
+                  keep_logits: bool) -> _Loop:
+    b, vocab = first_logits.shape
+    out_logits = jnp.zeros((b, max_new_tokens, vocab) if keep_logits else (b, 0, 0), jnp.float32)
+    return _Loop(jnp.int32(0), first_logits, model_state, tokens, positions, valid, jnp.zeros(b, jnp.bool_),
+                 jnp.full((b, max_new_tokens), pad_id, jnp.int32), out_logits)
 
 
 def _extend(tokens, positions, valid, max_new_tokens, pad_id):
     pad = ((0, 0), (0, max_new_tokens))
     return (jnp.pad(tokens, pad, constant_values=pad_id), jnp.pad(positions, pad),
             jnp.pad(valid, pad, constant_values=False))
+
+
+def _cached_next(model: Model, params):
+    """``next_logits`` of the decode loop: the new token through the model against the KV cache."""
+    def next_logits(cache, state, slot, token, pos, ok):
+        logits, cache = model.apply_cached(params, token[:, None], pos[:, None], ok[:, None], cache, slot)
+        return logits[:, 0], cache
+    return next_logits
 
 
 def decode_cached(model: Model, params, tokens, positions, valid, lengths, rng, *, max_new_tokens: int,
@@ -298,14 +320,10 @@ def decode_cached(model: Model, params, tokens, positions, valid, lengths, rng, 
     b, prompt_len = tokens.shape
     cache = model.init_cache(b, prompt_len + max_new_tokens)
     first, cache = prefill(model, params, tokens, positions, valid, cache)
-
-    def next_logits(cache, state, slot, token, pos, ok):
-        logits, cache = model.apply_cached(params, token[:, None], pos[:, None], ok[:, None], cache, slot)
-        return logits[:, 0], cache
-
-    return _decode_loop(next_logits, first, cache, *_extend(tokens, positions, valid, max_new_tokens, pad_id),
-                        lengths, rng, prompt_len=prompt_len, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                        pad_id=pad_id, processors=processors, sampler=sampler, keep_logits=keep_logits)
+    return _decode_loop(_cached_next(model, params), first, cache,
+                        *_extend(tokens, positions, valid, max_new_tokens, pad_id), lengths, rng,
+                        prompt_len=prompt_len, max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                        processors=processors, sampler=sampler, keep_logits=keep_logits)
 
 
 def decode_without_cache(model: Model, params, tokens, positions, valid, lengths, rng, *, max_new_tokens: int,
@@ -327,6 +345,145 @@ def decode_without_cache(model: Model, params, tokens, positions, valid, lengths
                         sampler=sampler, keep_logits=keep_logits)
 
 
+# ----------------------------------------------------------------------------- streaming
+
+
+def _stream_start(model: Model, params, tokens, positions, valid, *, max_new_tokens: int, pad_id: int) -> _Loop:
+    """Prefill into a fresh cache: the decode loop's initial state."""
+    b, prompt_len = tokens.shape
+    first, cache = prefill(model, params, tokens, positions, valid, model.init_cache(b, prompt_len + max_new_tokens))
+    return _initial_loop(first, cache, *_extend(tokens, positions, valid, max_new_tokens, pad_id),
+                         max_new_tokens=max_new_tokens, pad_id=pad_id, keep_logits=False)
+
+
+def _stream_step(model: Model, params, state: _Loop, lengths, rng, *, prompt_len: int, eos_id, pad_id: int,
+                 processors, sampler: Sampler) -> _Loop:
+    return _advance(state, _cached_next(model, params), lengths, rng, prompt_len=prompt_len, eos_id=eos_id,
+                    pad_id=pad_id, processors=processors, sampler=sampler, keep_logits=False)
+
+
+def stream(model: Model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eos_id=None,
+           pad_id: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           repetition_penalty: float = 1.0, no_repeat_ngram: int = 0, forbidden_ids: Sequence[int] = (),
+           min_new_tokens: int = 0, processors: Sequence[Processor] = (), seed: int = 0) -> Iterator[np.ndarray]:
+    """Yields each step's new tokens ``[batch]`` (``pad_id`` for finished rows) as soon as they exist.
+
+    The same prefill, step and sampling as ``generate`` (same seed, same tokens), but the loop runs on
+    the host, one jitted step per token, so a caller can print tokens as they arrive.
+    """
+    tokens, positions, valid, lengths = pad_prompts(prompts, pad_id=pad_id)
+    check_length(model, tokens.shape[1], max_new_tokens)
+    chain = build_processors(eos_id=eos_id, repetition_penalty=repetition_penalty,
+                             no_repeat_ngram=no_repeat_ngram, forbidden_ids=forbidden_ids,
+                             min_new_tokens=min_new_tokens, processors=processors)
+    state = jitted(_stream_start, model, max_new_tokens=max_new_tokens, pad_id=pad_id)(
+        params, tokens, positions, valid)
+    step = jitted(_stream_step, model, prompt_len=tokens.shape[1], eos_id=eos_id, pad_id=pad_id,
+                  processors=chain, sampler=Sampler(temperature, top_k, top_p))
+    rng = jax.random.key(seed)
+    for i in range(max_new_tokens):
+        state = step(params, state, lengths, rng)
+        new = np.asarray(state.out[:, i])
+        yield new
+        if bool(state.done.all()):
+            return
+
+
+# ----------------------------------------------------------------------------- beam search
+
+_CACHE_BATCH_AXIS = {"k": 1, "v": 1, "pos": 0, "valid": 0}  # see transformer.init_cache
+
+
+def _take_rows(cache: dict, rows) -> dict:
+    """The cache rows ``rows`` (beam parents), in that order."""
+    return {name: jnp.take(x, rows, axis=_CACHE_BATCH_AXIS[name]) for name, x in cache.items()}
+
+
+class _Beams(NamedTuple):
+    step: jax.Array
+    logits: jax.Array  # [b * k, vocab] next-token logits of the alive beams
+    cache: dict  # b * k rows, row r = (prompt r // k, beam r % k)
+    tokens: jax.Array  # [b * k, slots] prompt and beam tokens (for the processors)
+    positions: jax.Array
+    valid: jax.Array
+    scores: jax.Array  # [b, k] alive beams' summed log-probs
+    seqs: jax.Array  # [b, k, max_new] alive beams' new tokens
+    fin_scores: jax.Array  # [b, k] finished hypotheses' length-normalised scores, -inf when empty
+    fin_seqs: jax.Array  # [b, k, max_new]
+    done: jax.Array  # [b]
+
+
+def _normalise(scores, length, length_penalty: float):
+    return scores / jnp.asarray(length, jnp.float32) ** length_penalty
+
+
+def beam_search(model: Model, params, tokens, positions, valid, lengths, *, num_beams: int, max_new_tokens: int,
+                eos_id=None, pad_id: int = 0, processors=(), length_penalty: float = 1.0,
+                early_stopping: bool = False):
+    """Beam search over a padded prompt batch with one shared KV cache of ``batch * num_beams`` rows.
+
+    Each step expands every alive beam by every token (processed logits, then log-softmax), keeps the
+    best ``2 * num_beams`` candidates per prompt, moves those ending in ``eos_id`` to the finished
+    hypotheses (score = summed log-prob / new_length ** ``length_penalty``) and the best
+    ``num_beams`` others on as the alive beams; the cache rows are reordered to follow each beam's
+    parent. A prompt is done once it has ``num_beams`` finished hypotheses and, unless
+    ``early_stopping``, no alive beam can still beat the worst of them (an exact bound: log-probs
+    only fall). At the end unfinished prompts also rank their alive beams.
+
+    Returns ``(sequences [batch, num_beams, max_new_tokens], scores [batch, num_beams])``, best first;
+    sequences hold ``pad_id`` after eos.
+    """
+    b, prompt_len = tokens.shape
+    k, n = num_beams, max_new_tokens
+    first, cache = prefill(model, params, tokens, positions, valid, model.init_cache(b, prompt_len + n))
+    vocab = first.shape[-1]
+    rep = lambda x: jnp.repeat(x, k, axis=0)
+    buf = [rep(x) for x in _extend(tokens, positions, valid, n, pad_id)]
+    lengths = rep(lengths)
+    generated_slots = jnp.arange(prompt_len + n) >= prompt_len
+    pick = lambda x, idx: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def body(s: _Beams) -> _Beams:
+        ctx = Context(s.tokens, s.valid, generated_slots[None, :] & s.valid, s.step)
+        logits = s.logits
+        for proc in processors:
+            logits = proc(logits, ctx)
+        cand = (s.scores[:, :, None] + jax.nn.log_softmax(logits).reshape(b, k, vocab)).reshape(b, k * vocab)
+        top_scores, top_idx = jax.lax.top_k(cand, 2 * k)
+        parent, token = top_idx // vocab, (top_idx % vocab).astype(jnp.int32)
+        cand_seqs = pick(s.seqs, parent).at[:, :, s.step].set(token)
+        is_eos = token == eos_id if eos_id is not None else jnp.zeros_like(token, jnp.bool_)
+        # finished: the best k of the old finished and the new eos candidates (none once a prompt is done)
+        new_fin = jnp.where(is_eos & ~s.done[:, None], _normalise(top_scores, s.step + 1, length_penalty), NEG_INF)
+        fin_scores, fin_idx = jax.lax.top_k(jnp.concatenate([s.fin_scores, new_fin], 1), k)
+        fin_seqs = pick(jnp.concatenate([s.fin_seqs, cand_seqs], 1), fin_idx)
+        # alive: the best k candidates that did not end (at most k of the 2k end in eos)
+        scores, alive_idx = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_scores), k)
+        seqs, chosen = pick(cand_seqs, alive_idx), pick(token, alive_idx).reshape(-1)
+        rows = (jnp.arange(b)[:, None] * k + pick(parent, alive_idx)).reshape(-1)
+        slot, pos = prompt_len + s.step, lengths + s.step
+        ok = jnp.ones_like(chosen, jnp.bool_)
+        tokens = jax.lax.dynamic_update_slice(s.tokens[rows], chosen[:, None], (0, slot))
+        positions = jax.lax.dynamic_update_slice(s.positions[rows], pos[:, None], (0, slot))
+        valid = jax.lax.dynamic_update_slice(s.valid[rows], ok[:, None], (0, slot))
+        logits, cache = model.apply_cached(params, chosen[:, None], pos[:, None], ok[:, None],
+                                           _take_rows(s.cache, rows), slot)
+        best_alive = _normalise(scores[:, 0], n if length_penalty > 0 else s.step + 1, length_penalty)
+        full = fin_scores[:, -1] > NEG_INF
+        done = s.done | (full if early_stopping else full & (fin_scores[:, -1] >= best_alive))
+        return _Beams(s.step + 1, logits[:, 0], cache, tokens, positions, valid, scores, seqs, fin_scores,
+                      fin_seqs, done)
+
+    init_scores = jnp.where(jnp.arange(k) == 0, 0.0, NEG_INF)[None].repeat(b, 0)
+    empty = jnp.full((b, k, n), pad_id, jnp.int32)
+    init = _Beams(jnp.int32(0), rep(first), _take_rows(cache, jnp.repeat(jnp.arange(b), k)), *buf, init_scores,
+                  empty, jnp.full((b, k), NEG_INF), empty, jnp.zeros(b, jnp.bool_))
+    s = jax.lax.while_loop(lambda s: (s.step < n) & ~jnp.all(s.done), body, init)
+    alive = jnp.where(s.done[:, None], NEG_INF, _normalise(s.scores, s.step, length_penalty))
+    scores, idx = jax.lax.top_k(jnp.concatenate([s.fin_scores, alive], 1), k)
+    return pick(jnp.concatenate([s.fin_seqs, s.seqs], 1), idx), scores
+
+
 _JITTED: dict = {}
 
 
@@ -344,23 +501,35 @@ def generate(model: Model, params, prompts: Sequence[Sequence[int]], *, max_new_
              pad_id: int = 0, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              repetition_penalty: float = 1.0, no_repeat_ngram: int = 0, forbidden_ids: Sequence[int] = (),
              min_new_tokens: int = 0, processors: Sequence[Processor] = (), seed: int = 0,
-             padding: str = "left", use_cache: bool = True) -> list[list[int]]:
+             padding: str = "left", use_cache: bool = True, num_beams: int = 1, length_penalty: float = 1.0,
+             early_stopping: bool = False) -> list[list[int]]:
     """New tokens for each prompt (up to and including eos, at most ``max_new_tokens``).
 
     Greedy by default (``temperature=0``); sampling is seeded by ``seed`` and reproducible.
-    ``processors`` must be hashable (e.g. frozen dataclasses) so repeated calls reuse the compiled loop.
+    ``num_beams > 1`` runs ``beam_search`` (deterministic: no temperature/top-k/top-p) and returns
+    each prompt's best beam. ``processors`` must be hashable (e.g. frozen dataclasses) so repeated
+    calls reuse the compiled loop.
     """
+    if num_beams > 1 and (temperature or top_k or top_p < 1.0 or not use_cache):
+        raise ValueError("num_beams > 1 is deterministic and cached: leave temperature=0, top_k=0, top_p=1, "
+                         "use_cache=True")
     tokens, positions, valid, lengths = pad_prompts(prompts, pad_id=pad_id, padding=padding)
     check_length(model, int(lengths.max()), max_new_tokens)
     chain = build_processors(eos_id=eos_id, repetition_penalty=repetition_penalty,
                              no_repeat_ngram=no_repeat_ngram, forbidden_ids=forbidden_ids,
                              min_new_tokens=min_new_tokens, processors=processors)
-    fn = jitted(decode_cached if use_cache else decode_without_cache, model, max_new_tokens=max_new_tokens,
-                eos_id=eos_id, pad_id=pad_id, processors=chain, sampler=Sampler(temperature, top_k, top_p))
-    out, _, _ = fn(params, tokens, positions, valid, lengths, jax.random.key(seed))
-    results = []
-    for row in np.asarray(out).tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id) + 1]
-        results.append(row)
-    return results
+    common = dict(max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id, processors=chain)
+    if num_beams > 1:
+        fn = jitted(beam_search, model, num_beams=num_beams, length_penalty=float(length_penalty),
+                    early_stopping=bool(early_stopping), **common)
+        out = fn(params, tokens, positions, valid, lengths)[0][:, 0]
+    else:
+        fn = jitted(decode_cached if use_cache else decode_without_cache, model,
+                    sampler=Sampler(temperature, top_k, top_p), **common)
+        out = fn(params, tokens, positions, valid, lengths, jax.random.key(seed))[0]
+    return [trim_at_eos(row, eos_id) for row in np.asarray(out).tolist()]
+
+
+def trim_at_eos(row: list[int], eos_id) -> list[int]:
+    """The row up to and including its first ``eos_id`` (all of it when there is none)."""
+    return row[: row.index(eos_id) + 1] if eos_id is not None and eos_id in row else row

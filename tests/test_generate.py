@@ -166,3 +166,118 @@ def test_user_processor_is_applied():
             return jnp.where(jnp.arange(logits.shape[-1]) == self.token, 0.0, -jnp.inf)
 
     assert G.generate(model, params, PROMPTS, max_new_tokens=3, processors=[OnlyToken(42)]) == [[42] * 3] * 3
+
+
+# ----------------------------------------------------------------------------- beam search
+
+
+def _beams(model, params, prompts, n, **kw):
+    tokens, positions, valid, lengths = G.pad_prompts(prompts)
+    seqs, scores = G.jitted(G.beam_search, model, max_new_tokens=n, **kw)(params, tokens, positions, valid, lengths)
+    return np.asarray(seqs), np.asarray(scores)
+
+
+def _full_logprobs(model, params, ids, segment_ids):
+    return jax.nn.log_softmax(model.apply(params, ids, jnp.arange(ids.shape[1])[None], segment_ids)[0][0])
+
+
+def _sequence_logprob(model, params, prompt, new):
+    """Summed log-prob of ``new`` after ``prompt`` from one full forward pass (no cache)."""
+    ids = list(prompt) + list(new)
+    buf = np.zeros((1, model.cfg.max_seq_len), np.int32)
+    buf[0, : len(ids)] = ids
+    logp = np.asarray(G.jitted(_full_logprobs, model)(params, buf, (np.arange(buf.shape[1]) < len(ids))[None]))
+    return float(sum(logp[len(prompt) - 1 + i, t] for i, t in enumerate(new)))
+
+
+def test_one_beam_is_greedy_and_beam_scores_match_a_full_recompute():
+    model, params = _model("llama_gqa")
+    greedy = G.generate(model, params, PROMPTS, max_new_tokens=8)
+    seqs, _ = _beams(model, params, PROMPTS, 8, num_beams=1)
+    assert seqs[:, 0].tolist() == greedy
+    # 3 beams over the shared, reordered cache: every beam's score is its true log-prob / length
+    seqs, scores = _beams(model, params, PROMPTS, 8, num_beams=3)
+    assert (np.diff(scores, axis=1) <= 0).all()
+    for row, prompt in enumerate(PROMPTS):
+        for beam in range(3):
+            assert scores[row, beam] * 8 == pytest.approx(_sequence_logprob(model, params, prompt, seqs[row, beam]),
+                                                          abs=1e-4)
+        assert scores[row, 0] * 8 >= _sequence_logprob(model, params, prompt, greedy[row]) - 1e-5
+
+
+def _bigram_model(table):
+    """A model whose next-token distribution is ``table[previous token]``: blocks zeroed (the residual
+    stream is the one-hot embedding), final RMSNorm scale 1, LM head = log table / sqrt(d_model)."""
+    vocab, d = len(table), 16
+    model = build_model(ModelConfig(vocab_size=vocab, d_model=d, num_layers=1, num_heads=2, num_kv_heads=2,
+                                    head_dim=8, d_ff=16, max_seq_len=16, position="none", attention="xla"))
+    params = jax.tree.map(jnp.zeros_like, jax.jit(model.init)(jax.random.key(0)))
+    params["embed"] = jnp.eye(vocab, d)
+    params["final_norm"]["scale"] = jnp.ones(d)
+    params["lm_head"] = jnp.zeros((d, vocab)).at[:vocab].set(jnp.log(jnp.asarray(table)) / np.sqrt(d))
+    return model, params
+
+
+def test_beam_search_finds_the_best_sequence_where_greedy_does_not():
+    eos, vocab = 7, 8
+    table = np.full((vocab, vocab), 0.02)
+    table[0, [1, 2]] = 0.5, 0.4  # greedy takes 1 ...
+    table[1] = (1 - 0.2) / 7
+    table[1, 4] = 0.2  # ... which leads nowhere likely
+    table[2, 3] = 0.9  # 2 -> 3 -> eos is the best sequence
+    table[3:, eos] = 0.9
+    table /= table.sum(1, keepdims=True)
+    model, params = _bigram_model(table)
+
+    def brute_force_best(n):  # every hypothesis: ends at eos or after n tokens; score = sum of log-probs
+        best, frontier = (-np.inf, None), [((0,), 0.0)]
+        for _ in range(n):
+            grown = []
+            for seq, score in frontier:
+                for t in range(vocab):
+                    new = (seq + (t,), score + np.log(table[seq[-1], t]))
+                    (grown.append(new) if t != eos and len(seq) < n else None)
+                    if t == eos or len(seq) == n:
+                        best = max(best, (new[1], new[0][1:]))
+            frontier = grown
+        return best
+
+    score, best = brute_force_best(4)
+    assert best == (2, 3, eos)
+    greedy = G.generate(model, params, [[0]], max_new_tokens=4, eos_id=eos)[0]
+    assert greedy[:2] == [1, 4] and greedy != list(best)
+    seqs, scores = _beams(model, params, [[0], [2]], 4, num_beams=2, eos_id=eos, length_penalty=0.0)
+    assert G.trim_at_eos(seqs[0, 0].tolist(), eos) == list(best)
+    assert scores[0, 0] == pytest.approx(score, abs=1e-3)  # RMSNorm's eps
+    assert seqs[1, 0].tolist() == [3, eos, 0, 0]  # per-row stop: the other prompt's best ends sooner
+
+
+def test_forbidden_tokens_never_appear_in_beams():
+    model, params = _model("llama_gqa")
+    forbid = sorted({t for row in G.generate(model, params, PROMPTS, max_new_tokens=8) for t in row})
+    seqs, _ = _beams(model, params, PROMPTS, 8, num_beams=3, processors=(G.ForbidTokens(tuple(forbid)),))
+    assert not set(seqs.ravel().tolist()) & set(forbid)
+    with pytest.raises(ValueError, match="num_beams > 1 is deterministic"):
+        G.generate(model, params, PROMPTS, max_new_tokens=2, num_beams=2, temperature=1.0)
+
+
+def test_stream_yields_the_generate_tokens_step_by_step():
+    model, params = _model("llama_gqa")
+    eos = G.generate(model, params, PROMPTS, max_new_tokens=8)[1][2]
+    kw = dict(max_new_tokens=8, eos_id=eos, temperature=1.0, top_k=20, seed=5)
+    steps = np.stack(list(G.stream(model, params, PROMPTS, **kw)), axis=1).tolist()
+    assert [G.trim_at_eos(row, eos) for row in steps] == G.generate(model, params, PROMPTS, **kw)
+
+
+def test_sharded_decode_gives_the_single_device_tokens():
+    from maxlm import sharding
+
+    model, params = _model("llama_gqa")
+    single = G.generate(model, params, PROMPTS, max_new_tokens=8)
+    mesh = sharding.make_mesh(2, 2, 2)
+    specs = jax.tree.map(lambda s, p: sharding.fit_spec(s, p.shape, mesh), model.param_specs(), params,
+                         is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    sharded = jax.device_put(params, sharding.named_shardings(mesh, specs))
+    assert len(sharded["blocks"]["attn"]["wq"].sharding.device_set) == 8
+    with jax.set_mesh(mesh):
+        assert G.generate(model, sharded, PROMPTS, max_new_tokens=8) == single

@@ -1,0 +1,103 @@
+"""A trained model ready for generation and evaluation: model, params and tokenizer of a maxlm run.
+
+``load_workdir(WORKDIR)`` reads what ``train`` wrote: ``WORKDIR/config.json`` (the model shape and
+tokenizer), the tokenizer (a ``.model`` path, or the cached character model under the data cache
+dir) and the params of the latest (or a given) checkpoint, on one device. A LoRA run's checkpoint
+holds only adapters: they are folded into its base (``init_from``, else the seeded random base the
+run trained on). ``lora_workdir`` folds the adapters of another LoRA run into the loaded params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from maxlm.checkpoint import load_params
+from maxlm.data.tokenizer import Tokenizer
+from maxlm.models import Model, build_model
+from maxlm.models import lora as lora_lib
+from maxlm.models.transformer import ModelConfig
+from maxlm.train.data import get_tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Pretrained:
+    model: Model
+    params: Any
+    tokenizer: Tokenizer
+    config: ml_collections.ConfigDict  # the run's resolved config
+    checkpoint: str  # the checkpoint directory the params came from
+
+
+def read_run_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{workdir!r} is not a maxlm workdir: no config.json")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def checkpoint_dir(workdir: str, step: int | None = None) -> str:
+    """``WORKDIR/checkpoints/<step>``: the given step, or the latest complete one."""
+    root = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(p) for p in os.listdir(root) if p.isdigit()) if os.path.isdir(root) else []
+    if not steps:
+        raise FileNotFoundError(f"no checkpoints in {root}")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {root} (steps: {steps})")
+    return os.path.join(root, str(steps[-1] if step is None else step))
+
+
+def _on_one_device(tree):
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+
+
+def _lora(config) -> lora_lib.LoraConfig:
+    return lora_lib.LoraConfig(config.lora.rank, config.lora.alpha, config.lora.targets)
+
+
+def _merge_adapters(params, config, checkpoint: str):
+    """``params`` with the adapters of a LoRA run's checkpoint folded in."""
+    cfg = _lora(config)
+    abstract = jax.eval_shape(lambda rng: lora_lib.init_lora(rng, params, cfg), jax.random.key(0))
+    return lora_lib.merge(params, load_params(checkpoint, _on_one_device(abstract)), cfg)
+
+
+def _tokenizer_text(config) -> str | None:
+    """The text a ``char`` tokenizer was trained on, as ``maxlm/train/data.py`` picks it per objective."""
+    d, objective = config.data, config.train.objective
+    source = d.source.partition("#")[0]
+    if objective in ("dpo", "reward"):
+        return f"{source}#chosen"
+    if objective == "sft" and d.sft_format == "hh":
+        return f"{source}#{d.sft_field}"
+    return None
+
+
+def load_workdir(workdir: str, *, step: int | None = None, lora_workdir: str | None = None) -> Pretrained:
+    """The model, params and tokenizer of a maxlm run (see the module docstring)."""
+    config = read_run_config(workdir)
+    tokenizer = get_tokenizer(config, workdir, _tokenizer_text(config))
+    rules = tuple(tuple(r) for r in config.mesh.rules)
+    model = build_model(ModelConfig.from_config(config.model, tokenizer.vocab_size), rules)
+    checkpoint = checkpoint_dir(workdir, step)
+    abstract = _on_one_device(model.abstract_params())
+    if config.lora.rank:
+        # the base the run trained on: train/loop.py loads init_from, or step.init_frozen's seeded init
+        base = (load_params(config.init_from, abstract) if config.init_from
+                else jax.jit(model.init)(jax.random.split(jax.random.key(config.seed))[0]))
+        params = _merge_adapters(base, config, checkpoint)
+    else:
+        params = load_params(checkpoint, abstract)
+    if lora_workdir:
+        lora_config = read_run_config(lora_workdir)
+        if not lora_config.lora.rank:
+            raise ValueError(f"{lora_workdir!r} is not a LoRA run (lora.rank=0)")
+        params = _merge_adapters(params, lora_config, checkpoint_dir(lora_workdir))
+    return Pretrained(model, params, tokenizer, config, checkpoint)
