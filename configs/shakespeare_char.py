@@ -20,6 +20,8 @@ def get_config():
         min_lr_ratio=0.1, b1=0.9, b2=0.99, weight_decay=0.1, clip_norm=1.0,
         log_every=50, eval_every=500, eval_batches=100,
     )
-    c.mesh.update(data=1, fsdp=-1, tensor=1)
+    # On a CPU, one JAX device per core with data parallelism (2 cores here): XLA:CPU runs each op on
+    # one thread, so this is what keeps both cores busy. GPUs and TPUs ignore cpu_devices.
+    c.mesh.update(data=-1, fsdp=1, tensor=1, cpu_devices=2)
     c.checkpoint.update(every_steps=500, keep_last=2)
     return c

@@ -110,7 +110,7 @@ class Checkpointer:
         and the files are written in the background; the iterator state is read
         before it returns, so the caller may advance the iterator (and donate `state`).
         """
-        if step in self._mgr.all_steps():
+        if step in self._mgr.all_steps() or not (force or self._mgr.should_save(step)):
             return False
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:

@@ -34,7 +34,12 @@ def base_config() -> ConfigDict:
     """Every key maxlm reads, with its default. Presets override a subset."""
     c = ConfigDict()
     c.seed = 0
+    # XLA's persistent compilation cache: a rerun (or resume) skips compiling what it compiled before. "": off.
+    c.compile_cache_dir = "~/.cache/maxlm/xla"
     c.init_from = ""  # a maxlm workdir or checkpoint dir: load params only (fine-tuning)
+    # A Hugging Face model directory (config.json + safetensors; needs the hf extra): its architecture sets
+    # the model section, its weights the initial params, and its tokenizer replaces data.tokenizer=char.
+    c.init_from_hf = ""
 
     c.model = ConfigDict(dict(
         vocab_size=0,  # 0: taken from the tokenizer
@@ -50,9 +55,16 @@ def base_config() -> ConfigDict:
         norm_position="pre",  # pre | post (OPT-350m)
         position="rope",  # rope | learned | none
         rope_theta=10000.0,
+        rope_scaling="none",  # none | linear | llama3 (Llama-3.1's frequency-dependent scaling)
+        rope_factor=1.0,  # linear/llama3: how much longer the context becomes
+        rope_low_freq_factor=1.0,  # llama3 only
+        rope_high_freq_factor=4.0,  # llama3 only
+        rope_original_max_len=8192,  # llama3 only: the pretraining context
         position_offset=0,  # learned positions: OPT uses 2
         mlp="swiglu",  # swiglu | gelu | relu
         use_bias=False,
+        qkv_bias=False,  # biases on q/k/v only (Qwen2); use_bias puts them on every projection
+        embed_dim=0,  # 0: d_model; else token embeddings of this width with in/out projections (OPT-350m)
         tie_embeddings=False,
         dropout=0.0,
         param_dtype="float32",
@@ -66,7 +78,9 @@ def base_config() -> ConfigDict:
         value_head=False,  # a scalar head per position (train.objective=reward)
     ))
 
-    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules=DEFAULT_RULES))
+    # cpu_devices (CPU backend only): split the host into this many JAX devices, set before JAX starts.
+    # One device per core with data parallelism beats XLA:CPU's own threading for small models.
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules=DEFAULT_RULES, cpu_devices=0))
 
     c.data = ConfigDict(dict(
         source="builtin:tinyshakespeare",
@@ -80,6 +94,10 @@ def base_config() -> ConfigDict:
         chat_template="hh",  # hh | chatml
         train_on_prompt=False,  # also put loss on the user/system turns
         truncate=False,  # cut examples longer than seq_len+1 (logged) instead of an error
+        # Preference pairs (train.objective=dpo|reward), rendered with data.chat_template.
+        preference_format="hh",  # hh: HH-RLHF chosen/rejected dialogues | pairs: {prompt, chosen, rejected}
+        max_prompt_len=0,  # a pair longer than seq_len+1 keeps the end of its prompt, cut no shorter than
+        # this (0: half the row), then caps the completions at what is left
     ))
 
     c.train = ConfigDict(dict(
@@ -102,6 +120,16 @@ def base_config() -> ConfigDict:
         log_every=10,
         eval_every=500,  # 0: only at the end
         eval_batches=20,
+        # DPO (train.objective=dpo): the reference is init_from (a frozen copy), or under LoRA the base
+        # with the adapters off.
+        dpo=ConfigDict(dict(
+            beta=0.1,
+            loss="sigmoid",  # sigmoid (DPO) | ipo | hinge
+            label_smoothing=0.0,  # conservative DPO (sigmoid only): assumed probability of a flipped label
+            reference_free=False,  # no reference model (its log-probs are 0)
+            precompute_reference=False,  # reference log-probs in one pass before training (cached in
+            # data.cache_dir), after which no reference params are kept
+        )),
         # Divergence guard: on a non-finite loss, a loss spike or a grad-norm blow-up, roll back to
         # the last good checkpoint, skip the data since then, scale lr/clip, continue.
         divergence=ConfigDict(dict(
@@ -141,12 +169,15 @@ _CHOICES = {
     "model.norm": ("rmsnorm", "layernorm"),
     "model.norm_position": ("pre", "post"),
     "model.position": ("rope", "learned", "none"),
+    "model.rope_scaling": ("none", "linear", "llama3"),
     "model.mlp": ("swiglu", "gelu", "relu"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.attention": ATTENTION_IMPLEMENTATIONS,
     "model.remat": ("none", "full", "dots"),
-    "train.objective": ("pretrain", "sft"),
+    "train.objective": ("pretrain", "sft", "dpo", "reward"),
+    "train.dpo.loss": ("sigmoid", "ipo", "hinge"),
+    "data.preference_format": ("hh", "pairs"),
     "data.sft_format": ("hh", "chat", "instruction"),
     "data.chat_template": ("hh", "chatml"),
     "train.schedule": ("cosine", "linear", "constant"),
@@ -186,6 +217,13 @@ def validate(config: ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     if m.sliding_window < 0:
         raise ConfigError(f"model.sliding_window={m.sliding_window} must be >= 0")
+    if m.embed_dim < 0:
+        raise ConfigError(f"model.embed_dim={m.embed_dim} must be >= 0 (0: d_model)")
+    if m.rope_scaling != "none" and (m.position != "rope" or m.rope_factor <= 0):
+        raise ConfigError(f"model.rope_scaling={m.rope_scaling} needs model.position=rope and model.rope_factor > 0")
+    if m.rope_scaling == "llama3" and not 0 < m.rope_low_freq_factor < m.rope_high_freq_factor:
+        raise ConfigError(f"model.rope_scaling=llama3 needs 0 < model.rope_low_freq_factor ({m.rope_low_freq_factor})"
+                          f" < model.rope_high_freq_factor ({m.rope_high_freq_factor})")
     if m.attention == "cudnn" and jax.default_backend() != "gpu":
         raise ConfigError(f"model.attention=cudnn needs a GPU (backend here: {jax.default_backend()}); "
                           "use auto, xla or pallas")
@@ -203,6 +241,10 @@ def validate(config: ConfigDict, num_devices: int) -> None:
         raise ConfigError("data.tokenizer is empty: give 'char' or the path of a sentencepiece .model")
     if not 0.0 < config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={config.data.val_fraction} must be in (0, 1)")
+    if config.init_from and config.init_from_hf:
+        raise ConfigError("set init_from (a maxlm checkpoint) or init_from_hf (a Hugging Face directory), not both")
+    if config.mesh.cpu_devices < 0:
+        raise ConfigError(f"mesh.cpu_devices={config.mesh.cpu_devices} must be >= 0 (0: JAX's default)")
     try:
         shape = resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
     except ValueError as e:
@@ -217,9 +259,35 @@ def validate(config: ConfigDict, num_devices: int) -> None:
                           f"and model.num_kv_heads={kv}")
     if config.lora.rank < 0 or (config.lora.rank and config.lora.alpha <= 0):
         raise ConfigError(f"lora.rank={config.lora.rank} must be >= 0 and lora.alpha > 0")
+    _validate_preference(config)
     c = config.checkpoint
     if c.every_steps < 0 or c.every_minutes < 0 or c.keep_last < 1 or c.keep_every < 0:
         raise ConfigError("checkpoint.every_steps/every_minutes/keep_every must be >= 0 and keep_last >= 1")
+
+
+def _validate_preference(config: ConfigDict) -> None:
+    t, d = config.train, config.train.dpo
+    if not 0 <= config.data.max_prompt_len < t.seq_len:
+        raise ConfigError(f"data.max_prompt_len={config.data.max_prompt_len} must be in [0, train.seq_len={t.seq_len})")
+    if t.objective == "reward":
+        if not config.model.value_head:
+            raise ConfigError("train.objective=reward needs model.value_head=True (the scalar reward head)")
+        if config.lora.rank:
+            raise ConfigError("train.objective=reward trains the whole model and its value head; set lora.rank=0")
+    if t.objective != "dpo":
+        return
+    if d.beta <= 0:
+        raise ConfigError(f"train.dpo.beta={d.beta} must be positive")
+    if not 0.0 <= d.label_smoothing < 0.5:
+        raise ConfigError(f"train.dpo.label_smoothing={d.label_smoothing} must be in [0, 0.5)")
+    if d.label_smoothing and d.loss != "sigmoid":
+        raise ConfigError(f"train.dpo.label_smoothing applies to train.dpo.loss=sigmoid, not {d.loss!r}")
+    if d.reference_free and d.precompute_reference:
+        raise ConfigError("train.dpo.precompute_reference has no reference to run with train.dpo.reference_free=True")
+    if not (d.reference_free or config.init_from or config.init_from_hf or config.lora.rank):
+        raise ConfigError("train.objective=dpo needs a reference model: set init_from (the SFT checkpoint, also the "
+                          "policy's start), or lora.rank > 0 (the base with adapters off), or "
+                          "train.dpo.reference_free=True")
 
 
 def to_json(config: ConfigDict) -> str:

@@ -61,6 +61,23 @@ def resolve_mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> t
     return tuple(shape)  # type: ignore[return-value]
 
 
+def use_cpu_devices(count: int) -> None:
+    """Makes the CPU backend show ``count`` devices (``mesh.cpu_devices``); 0 leaves JAX's default.
+
+    Must run before JAX starts its backends; afterwards it only checks that the count already holds.
+    Other backends (GPU, TPU) are unaffected.
+    """
+    if not count:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # backends already started: fine if they already have this many CPU devices
+        have = len(jax.devices("cpu"))
+        if have != count:
+            raise ValueError(f"mesh.cpu_devices={count}, but JAX already started with {have} CPU devices; "
+                             "set it before anything touches jax.devices()") from None
+
+
 def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh in Auto mode, so XLA propagates the shardings."""
     devices = list(devices if devices is not None else jax.devices())

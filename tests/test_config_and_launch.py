@@ -49,9 +49,14 @@ def test_presets_validate_and_have_the_published_sizes(name, params_millions):
     ("train.seq_len", 64, "train.seq_len=64 exceeds model.max_seq_len=32"),
     ("train.warmup_steps", 10, "train.warmup_steps=10 must be in"),
     ("data.tokenizer", "", "data.tokenizer is empty"),
+    ("model.rope_scaling", "yarn", "model.rope_scaling='yarn' is not one of"),
+    ("model.rope_high_freq_factor", 0.5, "model.rope_scaling=llama3 needs 0 < model.rope_low_freq_factor"),
+    ("model.embed_dim", -1, "model.embed_dim=-1 must be >= 0"),
 ])
 def test_validation_names_the_key(key, value, needle):
     config = tiny_config()
+    if key == "model.rope_high_freq_factor":
+        config.model.rope_scaling = "llama3"
     section, field = key.split(".")
     config[section][field] = value
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("*", r"\*")):

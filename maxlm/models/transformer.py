@@ -12,10 +12,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from maxlm import sharding
 from maxlm.models.attention import attention, attention_mask, xla_attention
+from maxlm.models.norm import normalize
 from maxlm.sharding import Rules
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -43,9 +45,16 @@ class ModelConfig:
     norm_position: str = "pre"
     position: str = "rope"
     rope_theta: float = 10000.0
+    rope_scaling: str = "none"  # none | linear | llama3 (Llama-3.1's frequency-dependent scaling)
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only
+    rope_high_freq_factor: float = 4.0  # llama3 only
+    rope_original_max_len: int = 8192  # llama3 only: the pretraining context
     position_offset: int = 0
     mlp: str = "swiglu"
     use_bias: bool = False
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2); use_bias puts them everywhere
+    embed_dim: int = 0  # token embedding width when not d_model, with in/out projections (OPT-350m)
     tie_embeddings: bool = False
     dropout: float = 0.0
     param_dtype: str = "float32"
@@ -67,6 +76,7 @@ class ModelConfig:
         c["num_kv_heads"] = c["num_kv_heads"] or c["num_heads"]
         c["head_dim"] = c["head_dim"] or c["d_model"] // c["num_heads"]
         c["d_ff"] = c["d_ff"] or 4 * c["d_model"]
+        c["embed_dim"] = c.get("embed_dim") or c["d_model"]
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in c.items() if k in names})
 
@@ -74,15 +84,25 @@ class ModelConfig:
     def dtype(self):
         return DTYPES[self.compute_dtype]
 
+    @property
+    def embed_width(self) -> int:
+        return self.embed_dim or self.d_model
+
+    @property
+    def projects_embeddings(self) -> bool:
+        return self.embed_width != self.d_model
+
     def num_params(self, include_embeddings: bool = True) -> int:
         """Parameter count (used for MFU's 6N)."""
         d, h, k, hd, f = self.d_model, self.num_heads, self.num_kv_heads, self.head_dim, self.d_ff
-        attn = d * hd * (h + 2 * k) + h * hd * d + (hd * (h + 2 * k) + d if self.use_bias else 0)
+        attn = d * hd * (h + 2 * k) + h * hd * d + (hd * (h + 2 * k) if self.use_bias or self.qkv_bias else 0)
+        attn += d if self.use_bias else 0
         mlp = (3 if self.mlp == "swiglu" else 2) * d * f + ((f + d) if self.use_bias else 0)
         norm = (2 if self.norm == "layernorm" else 1) * d
         total = self.num_layers * (attn + mlp + 2 * norm) + (norm if self.norm_position == "pre" else 0)
+        total += 2 * d * self.embed_width if self.projects_embeddings else 0
         if include_embeddings:
-            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+            total += self.vocab_size * self.embed_width * (1 if self.tie_embeddings else 2)
             total += (self.max_seq_len + self.position_offset) * d if self.position == "learned" else 0
         return total
 
@@ -106,19 +126,29 @@ class Norm(nnx.Module):
             self.bias = nnx.Param(jnp.zeros((cfg.d_model,), DTYPES[cfg.param_dtype]), out_sharding=("norm",))
 
     def __call__(self, x):
-        dtype, x = x.dtype, x.astype(jnp.float32)
-        if self.kind == "layernorm":
-            x = x - x.mean(-1, keepdims=True)
-        x = x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + self.eps) * self.scale[...]
-        if self.kind == "layernorm":
-            x = x + self.bias[...]
-        return x.astype(dtype)
+        bias = self.bias[...] if self.kind == "layernorm" else None
+        return normalize(x, self.scale[...], bias, self.eps, self.kind == "layernorm")
 
 
-def rope(x, positions, theta: float):
+def rope_frequencies(cfg: ModelConfig) -> np.ndarray:
+    """The ``head_dim // 2`` rotary inverse frequencies, with ``cfg.rope_scaling`` applied (float32)."""
+    half = cfg.head_dim // 2
+    freqs = 1.0 / cfg.rope_theta ** (np.arange(half, dtype=np.float32) / np.float32(half))
+    if cfg.rope_scaling == "linear":
+        return (freqs / cfg.rope_factor).astype(np.float32)
+    if cfg.rope_scaling == "llama3":  # long wavelengths divided by the factor, medium ones interpolated
+        low, high, context = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor, cfg.rope_original_max_len
+        wavelen = 2 * math.pi / freqs
+        scaled = np.where(wavelen > context / low, freqs / cfg.rope_factor, freqs)
+        smooth = (context / wavelen - low) / (high - low)
+        medium = (wavelen >= context / high) & (wavelen <= context / low)
+        return np.where(medium, (1 - smooth) * scaled / cfg.rope_factor + smooth * scaled, scaled).astype(np.float32)
+    return freqs.astype(np.float32)
+
+
+def rope(x, positions, freqs):
     """Rotary embedding, rotate-half convention (as in HF Llama); positions in float32."""
     half = x.shape[-1] // 2
-    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angles = positions.astype(jnp.float32)[..., None] * freqs  # [b, t, half]
     cos, sin = jnp.cos(angles)[:, :, None], jnp.sin(angles)[:, :, None]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
@@ -141,10 +171,11 @@ class Attention(nnx.Module):
         self.wk = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg.init_std, p)
         self.wv = _param(rngs, (d, k, hd), ("embed", "kv_heads", "head_dim"), cfg.init_std, p)
         self.wo = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), out_std, p)
-        if cfg.use_bias:
+        if cfg.use_bias or cfg.qkv_bias:
             self.bq = _param(rngs, (h, hd), ("heads", "head_dim"), 0.0, p)
             self.bk = _param(rngs, (k, hd), ("kv_heads", "head_dim"), 0.0, p)
             self.bv = _param(rngs, (k, hd), ("kv_heads", "head_dim"), 0.0, p)
+        if cfg.use_bias:
             self.bo = _param(rngs, (d,), ("embed",), 0.0, p)
 
     def _qkv(self, x, positions):
@@ -152,10 +183,11 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
-        if cfg.use_bias:
+        if cfg.use_bias or cfg.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         if cfg.position == "rope":
-            q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+            freqs = rope_frequencies(cfg)
+            q, k = rope(q, positions, freqs), rope(k, positions, freqs)
         return q, k, v
 
     def _out(self, out):
@@ -256,7 +288,10 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rules: Rules = sharding.DEFAULT_RULES, *, rngs: nnx.Rngs):
         self.cfg, self.rules = cfg, rules
         p = cfg.param_dtype
-        self.embed = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, p)
+        self.embed = _param(rngs, (cfg.vocab_size, cfg.embed_width), ("vocab", "embed"), cfg.init_std, p)
+        if cfg.projects_embeddings:  # embed_dim <-> d_model, around the blocks
+            self.w_proj_in = _param(rngs, (cfg.embed_width, cfg.d_model), (None, "embed"), cfg.init_std, p)
+            self.w_proj_out = _param(rngs, (cfg.d_model, cfg.embed_width), ("embed", None), cfg.init_std, p)
         if cfg.position == "learned":
             self.pos_embed = _param(rngs, (cfg.max_seq_len + cfg.position_offset, cfg.d_model),
                                     (None, "embed"), cfg.init_std, p)
@@ -271,7 +306,7 @@ class Transformer(nnx.Module):
         if cfg.norm_position == "pre":
             self.final_norm = Norm(cfg)
         if not cfg.tie_embeddings:
-            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, p)
+            self.lm_head = _param(rngs, (cfg.embed_width, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, p)
         if cfg.value_head:  # a scalar per position (reward models): aux["values"]
             self.value_head = _param(rngs, (cfg.d_model,), ("embed",), cfg.init_std, p)
 
@@ -296,6 +331,8 @@ class Transformer(nnx.Module):
     def _embed(self, tokens, positions):
         cfg, dt = self.cfg, self.cfg.dtype
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        if cfg.projects_embeddings:
+            x = x @ self.w_proj_in[...].astype(dt)
         if cfg.position == "learned":
             x = x + jnp.take(self.pos_embed[...], positions + cfg.position_offset, axis=0).astype(dt)
         return x
@@ -303,6 +340,8 @@ class Transformer(nnx.Module):
     def _head(self, x):
         """LM head over the final (already normalised) hidden states."""
         cfg, dt = self.cfg, self.cfg.dtype
+        if cfg.projects_embeddings:
+            x = x @ self.w_proj_out[...].astype(dt)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
         return jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
 

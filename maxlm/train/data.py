@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import os
 from collections.abc import Callable, Iterator
 
 import grain
 import numpy as np
+from absl import logging
 
-from maxlm.data import pipeline, sft
+from maxlm.data import pipeline, preference, sft
 from maxlm.data.sources import BUILTIN_CORPORA, asset_path, load_jsonl, make_source
 from maxlm.data.tokenizer import Tokenizer, get_or_train_default_tokenizer, load_tokenizer, train_tokenizer
 
@@ -22,6 +24,8 @@ class TrainData:
     tokenizer: Tokenizer
     train: grain.DatasetIterator  # checkpointable; yields per-process Batch dicts forever
     val_batches: Callable[[], Iterator[dict[str, np.ndarray]]]  # the same eval batches every call
+    pairs: dict[str, np.ndarray] | None = None  # preference data: every pair [N, 2, seq_len], train then val
+    num_train_pairs: int = 0
 
 
 def cache_dir(config, workdir: str) -> str:
@@ -29,9 +33,13 @@ def cache_dir(config, workdir: str) -> str:
 
 
 def get_tokenizer(config, workdir: str, text_spec: str | None = None) -> Tokenizer:
-    """``data.tokenizer``: ``char`` (trained once on ``text_spec``, default the source; cached) or a ``.model`` path."""
+    """``data.tokenizer``: ``char`` (trained once on ``text_spec``, default the source; cached), a ``.model``
+    path, or an HF model directory / ``tokenizer.json`` (needs the hf extra)."""
     spec = config.data.tokenizer
     text_spec = text_spec or config.data.source
+    if os.path.isdir(spec) or spec.endswith(".json"):
+        from maxlm.data.hf_tokenizer import load_hf_tokenizer
+        return load_hf_tokenizer(spec)
     if spec != "char":
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"data.tokenizer={spec!r}: no such sentencepiece model file")
@@ -48,8 +56,12 @@ def get_tokenizer(config, workdir: str, text_spec: str | None = None) -> Tokeniz
 
 
 def make_data(config, workdir: str) -> TrainData:
-    """The data of ``train.objective``: token windows for ``pretrain``, packed dialogues for ``sft``."""
-    return sft_data(config, workdir) if config.train.objective == "sft" else pretrain_data(config, workdir)
+    """The data of ``train.objective``: token windows for ``pretrain``, packed dialogues for ``sft``,
+    preference pairs for ``dpo`` and ``reward``."""
+    objective = config.train.objective
+    if objective in ("dpo", "reward"):
+        return preference_data(config, workdir)
+    return sft_data(config, workdir) if objective == "sft" else pretrain_data(config, workdir)
 
 
 def pretrain_data(config, workdir: str) -> TrainData:
@@ -78,7 +90,8 @@ def _records(spec: str, on_bad_record: str, fields: tuple[str, ...]) -> list[dic
     if scheme == "builtin" and path in BUILTIN_CORPORA and BUILTIN_CORPORA[path][1] == "jsonl":
         path = asset_path(BUILTIN_CORPORA[path][0])
     elif scheme != "jsonl":
-        raise ValueError(f"data.source={spec!r}: SFT reads JSONL records (jsonl:PATH or builtin:hh_rlhf_harmless_test)")
+        raise ValueError(f"data.source={spec!r}: SFT and preference data are JSONL records "
+                         "(jsonl:PATH or builtin:hh_rlhf_harmless_test)")
     return load_jsonl(path, fields=fields, on_bad_record=on_bad_record)
 
 
@@ -97,9 +110,7 @@ def sft_data(config, workdir: str) -> TrainData:
     template = sft.TEMPLATES[d.chat_template]
     examples = [sft.tokenize_dialogue(sft.to_messages(r, d.sft_format, d.sft_field), tokenizer, template,
                                       train_on_prompt=d.train_on_prompt) for r in records]
-    cut = int(round(len(examples) * (1.0 - d.val_fraction)))
-    if cut in (0, len(examples)):
-        raise ValueError(f"data.val_fraction={d.val_fraction} leaves no train or no val records of {len(examples)}")
+    cut = _split_point(len(examples), d.val_fraction)
     common = dict(seq_len=t.seq_len, batch_size=t.batch_size, seed=config.seed, truncate=d.truncate,
                   on_bad_record=d.on_bad_record)
     train = pipeline.packed_dataset(examples[:cut], **common)
@@ -112,3 +123,53 @@ def sft_data(config, workdir: str) -> TrainData:
             yield batch
 
     return TrainData(tokenizer, train, val_batches)
+
+
+def _split_point(count: int, val_fraction: float) -> int:
+    cut = round(count * (1.0 - val_fraction))
+    if cut in (0, count):
+        raise ValueError(f"data.val_fraction={val_fraction} leaves no train or no val records of {count}")
+    return cut
+
+
+def preference_data(config, workdir: str) -> TrainData:
+    """Preference pairs (``data.preference_format``) rendered with ``data.chat_template``, one pair
+    per ``[2, seq_len]`` row pair; the last ``data.val_fraction`` of the records are held out."""
+    d, t = config.data, config.train
+    if d.chat_template not in sft.TEMPLATES:
+        raise ValueError(f"data.chat_template={d.chat_template!r} is not one of {sorted(sft.TEMPLATES)}")
+    strings = ("chosen", "rejected") if d.preference_format == "hh" else ()  # pairs may hold message lists
+    records = _records(d.source, d.on_bad_record, strings)
+    tokenizer = get_tokenizer(config, workdir, f"{d.source.partition('#')[0]}#chosen")
+    template = sft.TEMPLATES[d.chat_template]
+    max_prompt_len = d.max_prompt_len or (t.seq_len + 1) // 2
+    rows, skipped = [], 0
+    for i, record in enumerate(records):
+        try:
+            pair = preference.tokenize_pair(*preference.to_pair(record, d.preference_format), tokenizer, template)
+        except ValueError as e:
+            if d.on_bad_record == "error":
+                raise ValueError(f"{d.source} record {i}: {e}; set data.on_bad_record=skip to skip it") from None
+            skipped += 1
+            continue
+        rows.append(preference.pair_rows(preference.truncate_pair(pair, t.seq_len + 1, max_prompt_len), t.seq_len))
+    if skipped:
+        logging.warning("preference data: skipped %d bad records of %d", skipped, len(records))
+    pairs = preference.stack_pairs(rows)
+    data = TrainData(tokenizer, None, None, pairs, _split_point(len(rows), d.val_fraction))
+    return with_reference_logps(config, data)
+
+
+def with_reference_logps(config, data: TrainData, ref_logps: np.ndarray | None = None) -> TrainData:
+    """The train iterator and val batches of ``data.pairs``, carrying ``ref_logps`` ``[N, 2]`` if given."""
+    t, cut = config.train, data.num_train_pairs
+    train_pairs, val_pairs = ({k: v[part] for k, v in data.pairs.items()} for part in (slice(cut), slice(cut, None)))
+    train_ref, val_ref = (None, None) if ref_logps is None else (ref_logps[:cut], ref_logps[cut:])
+    train = preference.preference_dataset(train_pairs, batch_size=t.batch_size, seed=config.seed, train=True,
+                                          ref_logps=train_ref)
+
+    def val_batches() -> Iterator[dict[str, np.ndarray]]:
+        return itertools.islice(preference.preference_dataset(
+            val_pairs, batch_size=t.batch_size, seed=config.seed, train=False, ref_logps=val_ref), t.eval_batches)
+
+    return dataclasses.replace(data, train=train, val_batches=val_batches)

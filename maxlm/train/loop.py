@@ -22,9 +22,10 @@ from maxlm.train import data as train_data
 from maxlm.train.events import log_event, read_events
 from maxlm.train.guard import DivergenceGuard
 from maxlm.train.metrics import MetricsWriter, flops_per_token, peak_flops
-from maxlm.train.objectives import make_objective
+from maxlm.train.objectives import PREFERENCE_OBJECTIVES, make_objective
 from maxlm.train.optimizer import make_optimizer, set_rollback_scales
 from maxlm.train.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
+from maxlm.train.reference import cached_reference_logps
 from maxlm.train.sample import sample_text
 from maxlm.train.step import init_frozen, init_state, make_eval_step, make_train_step, state_layout
 
@@ -36,11 +37,23 @@ class Preempted(SystemExit):
         super().__init__(PREEMPTED_EXIT_CODE)
 
 
-def evaluate(eval_step, params, frozen, batches, mesh, rules) -> float:
-    """Mean per-token loss over the given batches."""
-    totals = [eval_step(params, sharding.to_global_batch(b, mesh, rules), frozen) for b in batches]
-    loss_sum = sum(float(t["loss_sum"]) for t in totals)
-    return loss_sum / max(sum(float(t["num_tokens"]) for t in totals), 1.0)
+def evaluate(eval_step, params, frozen, batches, mesh, rules) -> dict[str, float]:
+    """``val_<name>``: every ``<name>_sum`` of the eval step over the given batches, per token (or per pair)."""
+    totals = [jax.device_get(eval_step(params, sharding.to_global_batch(b, mesh, rules), frozen)) for b in batches]
+    count = max(sum(float(t["num_tokens"]) for t in totals), 1.0)
+    return {f"val_{k.removesuffix('_sum')}": sum(float(t[k]) for t in totals) / count
+            for k in totals[0] if k.endswith("_sum")}
+
+
+def _use_hf_model(config) -> None:
+    """``init_from_hf``: the HF config.json sets the model section; its tokenizer replaces ``char``."""
+    from maxlm.convert import hf
+    try:
+        config.model.update(hf.model_overrides(hf.read_hf_config(config.init_from_hf)))
+    except (OSError, ValueError) as e:
+        raise config_lib.ConfigError(f"init_from_hf={config.init_from_hf!r}: {e}") from None
+    if config.data.tokenizer == "char":
+        config.data.tokenizer = config.init_from_hf
 
 
 def _guard(config, workdir: str) -> DivergenceGuard | None:
@@ -62,7 +75,16 @@ def _poison(batch, step: int, nan_steps: set[int]):
 
 def train(config, workdir: str) -> dict:
     """Runs the experiment described by ``config`` in ``workdir``; returns the last metrics."""
+    try:
+        sharding.use_cpu_devices(config.mesh.cpu_devices)
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    if config.init_from_hf:
+        _use_hf_model(config)
     config_lib.validate(config, jax.device_count())
+    if config.compile_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compile_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     os.makedirs(workdir, exist_ok=True)
     c = config.checkpoint
     ckpt = Checkpointer(workdir, every_steps=c.every_steps, every_minutes=c.every_minutes,
@@ -78,7 +100,7 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
     t = config.train
 
     data = train_data.make_data(config, workdir)
-    if config.model.vocab_size and config.model.vocab_size != data.tokenizer.vocab_size:
+    if config.model.vocab_size and config.model.vocab_size < data.tokenizer.vocab_size:
         raise config_lib.ConfigError(f"model.vocab_size={config.model.vocab_size} but the tokenizer "
                                      f"{data.tokenizer.path} has {data.tokenizer.vocab_size} pieces")
     model_cfg = ModelConfig.from_config(config.model, data.tokenizer.vocab_size)
@@ -91,38 +113,63 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
     model = build_model(model_cfg, rules)
     tx = make_optimizer(t)
     lora = LoraConfig(config.lora.rank, config.lora.alpha, config.lora.targets) if config.lora.rank else None
-    layout = state_layout(model, tx, mesh, lora)
+    dpo = t.objective == "dpo" and not t.dpo.reference_free
+    precompute = dpo and t.dpo.precompute_reference
+    # Without LoRA a DPO reference is a separate frozen copy (unless precomputed); under LoRA it is the base.
+    layout = state_layout(model, tx, mesh, lora, reference=dpo and not precompute and not lora)
     objective = make_objective(t.objective, model, t)
     logging.info("model: %.2fM params, mesh %s", model_cfg.num_params() / 1e6, dict(mesh.shape))
     guard = _guard(config, workdir)
 
     with jax.set_mesh(mesh):
-        def load_pretrained(abstract_params):
-            logging.info("loading params from %s", config.init_from)
+        pretrained = config.init_from or config.init_from_hf
+
+        def read_pretrained(abstract_params):
+            if config.init_from_hf:  # the body's HF tensors only: a value head is not among them
+                from maxlm.convert import hf
+                return hf.load_hf(config.init_from_hf, mesh=mesh, rules_table=rules, model=model)[1]
             return load_params(config.init_from, abstract_params)
 
+        def load_pretrained(abstract_params):
+            logging.info("loading params from %s", pretrained)
+            if model_cfg.value_head:  # a fresh (zero) reward head on a pretrained/SFT body
+                body = read_pretrained({k: v for k, v in abstract_params.items() if k != "value_head"})
+                head = abstract_params["value_head"]
+                return dict(body, value_head=jax.jit(lambda: jax.numpy.zeros(head.shape, head.dtype),
+                                                     out_shardings=head.sharding)())
+            return read_pretrained(abstract_params)
+
+        # Frozen params: the LoRA base, or the DPO reference; loaded or made afresh on every (re)start, never
+        # checkpointed. The DPO reference is init_from (validate() insists), which is also the policy's start.
         frozen = None
-        if lora:  # the base: loaded or made afresh on every (re)start, never checkpointed
-            frozen = (load_pretrained(layout.frozen_abstract) if config.init_from
+        if layout.frozen_abstract is not None:
+            frozen = (load_pretrained(layout.frozen_abstract) if pretrained
                       else init_frozen(model, layout, config.seed))
+        if precompute:  # one pass of the reference over every pair, then no reference params are kept
+            reference = frozen if lora else load_pretrained(layout.abstract["params"])
+            ref_logps = cached_reference_logps(model, reference, data.pairs, t.batch_size, mesh, rules,
+                                               train_data.cache_dir(config, workdir))
+            del reference
+            data = train_data.with_reference_logps(config, data, ref_logps)
 
         def fresh_state():
-            params = load_pretrained(layout.abstract["params"]) if config.init_from and not lora else None
+            params = load_pretrained(layout.abstract["params"]) if pretrained and not lora else None
             return init_state(model, tx, layout, config.seed, params)
 
         restored = ckpt.restore(layout.abstract, data_iterator=data.train)
         if restored:
             state, start_step = restored
             log_event(workdir, "resume", step=start_step)
-            if config.init_from:
-                logging.info("resuming from step %d; init_from is not used", start_step)
+            if pretrained:
+                logging.info("resuming from step %d; init_from gives %s", start_step,
+                             "only the frozen params" if frozen is not None else "nothing")
         else:
             state, start_step = fresh_state(), 0
 
         train_step = make_train_step(objective, tx, layout, mesh, rules, grad_accum=t.grad_accum)
         eval_step = make_eval_step(objective, layout, mesh, rules)
         writer = MetricsWriter(workdir, t.steps, start_step, enabled=is_primary)
-        tokens_per_step = t.batch_size * t.seq_len
+        tokens_per_step = t.batch_size * t.seq_len * (2 if t.objective in PREFERENCE_OBJECTIVES else 1)
         flops = flops_per_token(model_cfg, t.seq_len) * tokens_per_step
         peak = peak_flops(jax.devices()[0])
         nan_steps = set(config.debug.nan_at_steps)
@@ -151,8 +198,9 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
                 last.update(metrics)
                 interval_start, interval_steps = time.perf_counter(), 0
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
-                last["val_loss"] = evaluate(eval_step, state["params"], frozen, data.val_batches(), mesh, rules)
-                writer.write(done, {"val_loss": last["val_loss"]})
+                val = evaluate(eval_step, state["params"], frozen, data.val_batches(), mesh, rules)
+                writer.write(done, val)
+                last.update(val)
                 interval_start, interval_steps = time.perf_counter(), 0
             if not (guard and guard.suspect):
                 ckpt.save(done, state, data_iterator=data.train, config_json=config_json, force=done == t.steps)

@@ -16,10 +16,26 @@ import time
 
 import jax
 from absl import logging as absl_logging
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from maxlm.models.transformer import ModelConfig
+
+
+def _import_tensorboardx():
+    """tensorboardX imports torch when it is installed (over a second at start-up) only to accept torch
+    tensors; we log Python floats, so it is imported with torch hidden unless torch is already loaded."""
+    if "torch" in sys.modules:
+        import tensorboardX
+        return tensorboardX
+    sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX handles
+    try:
+        import tensorboardX
+    finally:
+        del sys.modules["torch"]
+    return tensorboardX
+
+
+SummaryWriter = _import_tensorboardx().SummaryWriter
 
 # device_kind substring -> peak dense bf16 FLOP/s per chip.
 PEAK_FLOPS = {

@@ -3,6 +3,11 @@
 ``TrainState`` is a plain dict pytree ``{step, params, opt_state, rng}``.
 ``make_train_step`` turns any objective into a ``jax.jit``-ed step with
 explicit in/out shardings and a donated state.
+
+Besides the state, the step takes ``frozen``: params that are never trained, never in the optimizer,
+never donated, sharded like the policy. Under LoRA it is the base (the policy is the base with the
+adapters folded in; with the adapters off it is also the DPO reference, so there is one copy of the
+base weights). Without LoRA it is the DPO reference, or None.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from maxlm import sharding
 from maxlm.models import Model
 from maxlm.models import lora as lora_lib
 from maxlm.train import loss_scale
-from maxlm.train.objectives import Objective
+from maxlm.train.objectives import Objective, loss_normalizer
 from maxlm.train.optimizer import current_lr
 
 TrainState = dict[str, Any]
@@ -27,12 +32,12 @@ TrainState = dict[str, Any]
 
 @dataclasses.dataclass(frozen=True)
 class StateLayout:
-    """Abstract shapes and NamedShardings of the train state (and, under LoRA, of the frozen base)."""
+    """Abstract shapes and NamedShardings of the train state and of the frozen params (LoRA base or DPO reference)."""
 
     abstract: TrainState  # leaves: jax.ShapeDtypeStruct with .sharding
     shardings: TrainState
     lora: lora_lib.LoraConfig | None = None
-    frozen_abstract: Any = None  # the base params under LoRA, else None
+    frozen_abstract: Any = None  # the base params under LoRA, the reference params for DPO, else None
     frozen_shardings: Any = None
 
     @property
@@ -45,7 +50,9 @@ class StateLayout:
 
 
 def state_layout(model: Model, tx: optax.GradientTransformation, mesh: Mesh,
-                 lora: lora_lib.LoraConfig | None = None) -> StateLayout:
+                 lora: lora_lib.LoraConfig | None = None, reference: bool = False) -> StateLayout:
+    """``reference``: a frozen copy of the model's params goes with the state (the DPO reference
+    without LoRA; under LoRA the frozen base already serves as the reference)."""
     fit = lambda specs, shapes: jax.tree.map(lambda spec, a: sharding.fit_spec(spec, a.shape, mesh), specs, shapes,
                                              is_leaf=lambda x: isinstance(x, P))
     base_params = model.abstract_params()
@@ -67,7 +74,7 @@ def state_layout(model: Model, tx: optax.GradientTransformation, mesh: Mesh,
     shardings = sharding.named_shardings(mesh, specs)
     with_sharding = lambda tree, sh: jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
-    if not lora:
+    if not (lora or reference):
         return StateLayout(with_sharding(abstract, shardings), shardings)
     frozen_shardings = sharding.named_shardings(mesh, base_specs)
     return StateLayout(with_sharding(abstract, shardings), shardings, lora,
@@ -75,7 +82,10 @@ def state_layout(model: Model, tx: optax.GradientTransformation, mesh: Mesh,
 
 
 def init_frozen(model: Model, layout: StateLayout, seed: int):
-    """A random base for LoRA when no ``init_from`` is given (tests, smoke runs), created sharded."""
+    """Random frozen params when no ``init_from`` is given (tests, smoke runs), created sharded.
+
+    They equal the random policy init of the same seed, so a DPO reference made this way is the policy at step 0.
+    """
     return jax.jit(lambda rng: model.init(jax.random.split(rng)[0]),
                    out_shardings=layout.frozen_shardings)(jax.random.key(seed))
 
@@ -117,17 +127,19 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, layo
                     mesh: Mesh, rules, *, grad_accum: int = 1):
     """``step(state, batch, frozen) -> (state, metrics)`` with explicit shardings; ``state`` is donated.
 
-    ``frozen`` is the LoRA base (not trained, not donated), or None.
+    ``frozen`` is the LoRA base or the DPO reference (not trained, not donated), or None. The loss
+    and every ``<name>_sum`` metric are divided by ``loss_normalizer`` of the whole batch and
+    reported as ``<name>``.
     """
 
     def train_step(state: TrainState, batch, frozen):
         params = state["params"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        normalizer = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        normalizer = loss_normalizer(batch)
         scale = state.get("loss_scale")
 
         def scaled_objective(params, batch, rng):
-            loss, metrics = objective(layout.model_params(params, frozen), batch, rng)
+            loss, metrics = objective(layout.model_params(params, frozen), batch, rng, frozen)
             return (loss if scale is None else loss_scale.scale_loss(loss, scale)), metrics
 
         grad_fn = jax.value_and_grad(scaled_objective, has_aux=True)
@@ -160,8 +172,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, layo
                                               state[key])
             new_state["loss_scale"] = loss_scale.update(scale, finite)
         out = {
-            "loss": metrics["loss_sum"] / normalizer,
-            "z_loss": metrics["z_loss_sum"] / normalizer,
+            **_means(metrics, normalizer),
             "grad_norm": optax.tree.norm(grads),
             "lr": current_lr(opt_state),
             "num_tokens": metrics["num_tokens"],
@@ -176,12 +187,17 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, layo
                    out_shardings=(layout.shardings, NamedSharding(mesh, P())), donate_argnums=0)
 
 
+def _means(metrics: dict, normalizer: jax.Array) -> dict:
+    """``<name>_sum`` metrics divided by the normalizer, as ``<name>``."""
+    return {k.removesuffix("_sum"): v / normalizer for k, v in metrics.items() if k.endswith("_sum")}
+
+
 def make_eval_step(objective: Objective, layout: StateLayout, mesh: Mesh, rules):
-    """``eval_step(params, batch, frozen) -> {loss_sum, num_tokens}`` (no dropout)."""
+    """``eval_step(params, batch, frozen) -> {<name>_sum..., num_tokens}`` (no dropout): sums to add over batches."""
 
     def eval_step(params, batch, frozen):
-        _, metrics = objective(layout.model_params(params, frozen), batch, None)
-        return {"loss_sum": metrics["loss_sum"], "num_tokens": metrics["num_tokens"]}
+        _, metrics = objective(layout.model_params(params, frozen), batch, None, frozen)
+        return {k: v for k, v in metrics.items() if k.endswith("_sum") or k == "num_tokens"}
 
     batch_sharding = NamedSharding(mesh, sharding.batch_spec(rules))
     return jax.jit(eval_step, in_shardings=(layout.param_shardings, batch_sharding, layout.frozen_shardings),
