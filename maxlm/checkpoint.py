@@ -95,6 +95,10 @@ class Checkpointer:
         """True at the step where all hosts agreed to stop (multi-host runs only)."""
         return self._mgr.reached_preemption(step)
 
+    def will_save(self, step: int) -> bool:
+        """Whether ``save(step, ...)`` without ``force`` would save."""
+        return step not in self._mgr.all_steps() and self._mgr.should_save(step)
+
     def save(
         self,
         step: int,

@@ -176,18 +176,24 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
         last: dict = {}
         interval_start, interval_steps = time.perf_counter(), 0
         step = start_step
+        # The guard reads each step's health one step late, so the host never waits for the device; a step
+        # that is about to be checkpointed (or the last, or a preemption stop) is checked before it is saved.
+        unchecked: list[tuple[int, dict]] = []
         while step < t.steps:
             batch = _poison(next(data.train), step, nan_steps)
             state, metrics = train_step(state, sharding.to_global_batch(batch, mesh, rules), frozen)
             interval_steps += 1
             done = step + 1
             if guard:
-                health = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm", "loss_scale") if k in metrics})
-                reason = guard.observe(done, health["loss"], health["grad_norm"], health.get("loss_scale"))
-                if reason:
-                    state, step = _roll_back(reason, done, guard, ckpt, layout, data, fresh_state, workdir, t)
+                unchecked.append((done, {k: metrics[k] for k in ("loss", "grad_norm", "loss_scale") if k in metrics}))
+                settle = done == t.steps or ckpt.will_save(done)
+                bad = _first_unhealthy(guard, unchecked if settle else unchecked[:-1])
+                unchecked = [] if settle or bad else unchecked[-1:]
+                if bad:
+                    bad_step, reason = bad
+                    state, step = _roll_back(reason, bad_step, guard, ckpt, layout, data, fresh_state, workdir, t)
                     writer.rewind(step)
-                    writer.message(f"divergence at step {done}: {reason}; rolled back to step {step}")
+                    writer.message(f"divergence at step {bad_step}: {reason}; rolled back to step {step}")
                     continue
             if done % t.log_every == 0 or done == t.steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -205,7 +211,10 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
             if not (guard and guard.suspect):
                 ckpt.save(done, state, data_iterator=data.train, config_json=config_json, force=done == t.steps)
             if watcher.should_stop(done):
-                ckpt.save(done, state, data_iterator=data.train, config_json=config_json, force=True)
+                if guard and _first_unhealthy(guard, unchecked):  # never save a diverged state
+                    logging.warning("stopping at step %d without a checkpoint: the step is unhealthy", done)
+                else:
+                    ckpt.save(done, state, data_iterator=data.train, config_json=config_json, force=True)
                 ckpt.wait()
                 log_event(workdir, "preempted", step=done)
                 writer.close()
@@ -222,6 +231,16 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
         ckpt.close()
         writer.close()
     return last
+
+
+def _first_unhealthy(guard: DivergenceGuard, steps: list[tuple[int, dict]]) -> tuple[int, str] | None:
+    """Feeds ``(step, device metrics)`` to the guard in order; the first step it rejects, with the reason."""
+    for step, health in steps:
+        health = jax.device_get(health)
+        reason = guard.observe(step, health["loss"], health["grad_norm"], health.get("loss_scale"))
+        if reason:
+            return step, reason
+    return None
 
 
 def _roll_back(reason, bad_step, guard, ckpt, layout, data, fresh_state, workdir, t):
