@@ -5,6 +5,8 @@
 
 ``--text`` takes source specs (``text:``, ``jsonl:``, ``builtin:``, ...; a plain path is inferred);
 ``--mc`` scores every choice as a continuation (accuracy by summed and per-byte log-prob);
+``--preference`` scores preference pairs (HH-RLHF dialogues or ``{prompt, chosen, rejected}``): the share
+whose chosen completion gets the higher summed log-prob, and the mean margin;
 ``--letter`` scores C-Eval style: ``--shots`` solved examples (the first records of ``--shots_file``,
 else of the same file, which are then not scored), then the letter logits after ``Answer:``.
 JSONL records are ``{"question": str, "choices": [str, ...], "answer": index or letter}``.
@@ -18,8 +20,10 @@ from absl import app, flags
 
 from maxlm import evaluate
 from maxlm.checkpoint import CheckpointMismatchError
+from maxlm.data import preference, sft
 from maxlm.data.sources import BadRecordError, infer_spec, make_source
 from maxlm.pretrained import load_workdir
+from maxlm.train.data import read_records
 from maxlm.train.metrics import quiet_library_logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A maxlm run directory (config.json + checkpoints/).")
@@ -29,6 +33,12 @@ _TEXT = flags.DEFINE_multi_string("text", [], "Text sources for perplexity and b
 _MAX_DOCS = flags.DEFINE_integer("max_docs", 0, "Score at most this many documents per text source (0: all).")
 _MC = flags.DEFINE_multi_string("mc", [], "Multiple-choice JSONL files, full-continuation scoring.")
 _LETTER = flags.DEFINE_multi_string("letter", [], "Multiple-choice JSONL files, single-letter (C-Eval) scoring.")
+_PREFERENCE = flags.DEFINE_multi_string(
+    "preference", [], "Preference pairs (jsonl:PATH or builtin:hh_rlhf_harmless_test): how often the chosen "
+    "completion gets the higher log-prob.")
+_PREFERENCE_FORMAT = flags.DEFINE_enum("preference_format", "hh", ["hh", "pairs"],
+                                       "hh: chosen/rejected dialogues; pairs: {prompt, chosen, rejected}.")
+_MAX_PAIRS = flags.DEFINE_integer("max_pairs", 0, "Score at most this many pairs per --preference source (0: all).")
 _SHOTS = flags.DEFINE_integer("shots", 0, "Solved examples before each --letter question.", lower_bound=0)
 _SHOTS_FILE = flags.DEFINE_string("shots_file", None, "JSONL file the --letter shots come from.")
 _WINDOW = flags.DEFINE_integer("window", 0, "Tokens per forward pass (0: the model's max_seq_len).", lower_bound=0)
@@ -53,8 +63,10 @@ def _letter_questions(path: str) -> tuple[list[evaluate.Question], list[evaluate
 
 def run_tasks() -> dict:
     """Reads every input (so bad data fails before the model loads), then scores each task."""
-    if not (_TEXT.value or _MC.value or _LETTER.value):
-        raise ValueError("nothing to evaluate: give --text, --mc or --letter")
+    if not (_TEXT.value or _MC.value or _LETTER.value or _PREFERENCE.value):
+        raise ValueError("nothing to evaluate: give --text, --mc, --letter or --preference")
+    fields = ("chosen", "rejected") if _PREFERENCE_FORMAT.value == "hh" else ("prompt", "chosen", "rejected")
+    preference_records = {spec: read_records(spec, "error", fields) for spec in _PREFERENCE.value}
     sources = {spec: make_source(infer_spec(spec)) for spec in _TEXT.value}
     mc = {path: evaluate.read_choices(path) for path in _MC.value}
     letters = {path: _letter_questions(path) for path in _LETTER.value}
@@ -71,6 +83,14 @@ def run_tasks() -> dict:
     for path, (shots, questions) in letters.items():
         tasks[f"letter:{path}"] = evaluate.score_letters(run.model, run.params, run.tokenizer, questions,
                                                          shots=shots, **common)
+    seq_len = _WINDOW.value or run.model.cfg.max_seq_len
+    for spec, records in preference_records.items():
+        pairs, _ = preference.records_to_pairs(
+            records[: _MAX_PAIRS.value or len(records)], run.tokenizer, sft.TEMPLATES[run.config.data.chat_template],
+            preference_format=_PREFERENCE_FORMAT.value, seq_len=seq_len, max_prompt_len=(seq_len + 1) // 2,
+            skip_bad=False, where=spec)
+        tasks[f"preference:{spec}"] = evaluate.preference_accuracy(run.model, run.params, pairs,
+                                                                   batch_size=_BATCH.value, progress=True)
     return {"workdir": _WORKDIR.value, "checkpoint": run.checkpoint, "tasks": tasks}
 
 

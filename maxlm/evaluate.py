@@ -36,6 +36,7 @@ from tqdm import tqdm
 from maxlm.data.sources import BadRecordError
 from maxlm.generate import jitted
 from maxlm.models import Model
+from maxlm.train.objectives import pair_logps
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 Params = Any
@@ -288,6 +289,24 @@ def score_letters(model: Model, params, tokenizer: Tokenizer, questions: Sequenc
 
 
 # ----------------------------------------------------------------------------- reporting and hook
+
+
+def preference_accuracy(model: Model, params, pairs: dict[str, np.ndarray], *, batch_size: int = 8,
+                        progress: bool = False) -> dict[str, float]:
+    """How often a pair's chosen completion gets the higher summed log-prob (the model's own preference,
+    no reference): ``accuracy``, the mean log-prob ``margin`` (chosen - rejected) and the number of ``pairs``.
+
+    ``pairs``: ``[N, 2, seq_len]`` Batch arrays (chosen, rejected) from ``data.preference.records_to_pairs``.
+    """
+    fn = jax.jit(lambda p, b: pair_logps(model, p, b)[0])
+    count = len(pairs["tokens"])
+    logps = []
+    for start in tqdm(range(0, count, batch_size), desc="preference", unit="batch", disable=not progress,
+                      leave=False):
+        index = np.arange(start, start + batch_size) % count  # one shape: the last batch wraps around
+        logps.append(np.asarray(fn(params, {k: v[index] for k, v in pairs.items()}))[: count - start])
+    margin = np.concatenate(logps)[:, 0] - np.concatenate(logps)[:, 1]
+    return {"accuracy": float(np.mean(margin > 0)), "margin": float(np.mean(margin)), "pairs": count}
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:

@@ -69,21 +69,10 @@ def _merge_adapters(params, config, checkpoint: str):
     return lora_lib.merge(params, load_params(checkpoint, _on_one_device(abstract)), cfg)
 
 
-def _tokenizer_text(config) -> str | None:
-    """The text a ``char`` tokenizer was trained on, as ``maxlm/train/data.py`` picks it per objective."""
-    d, objective = config.data, config.train.objective
-    source = d.source.partition("#")[0]
-    if objective in ("dpo", "reward"):
-        return f"{source}#chosen"
-    if objective == "sft" and d.sft_format == "hh":
-        return f"{source}#{d.sft_field}"
-    return None
-
-
 def load_workdir(workdir: str, *, step: int | None = None, lora_workdir: str | None = None) -> Pretrained:
     """The model, params and tokenizer of a maxlm run (see the module docstring)."""
     config = read_run_config(workdir)
-    tokenizer = get_tokenizer(config, workdir, _tokenizer_text(config))
+    tokenizer = get_tokenizer(config, workdir)
     rules = tuple(tuple(r) for r in config.mesh.rules)
     model = build_model(ModelConfig.from_config(config.model, tokenizer.vocab_size), rules)
     checkpoint = checkpoint_dir(workdir, step)

@@ -179,3 +179,26 @@ def test_bad_multiple_choice_records_name_file_and_line(tmp_path, line, message)
     assert message in str(e.value) and "\n" not in str(e.value)
     path.write_text(good + "\n")
     assert E.read_choices(str(path)) == [E.Question("q", ("a", "b", "c"), 1)]
+
+
+def test_preference_accuracy_compares_summed_completion_log_probs():
+    from maxlm.data.preference import pair_rows, stack_pairs
+
+    model, params = _model(max_seq_len=32)
+    rng = np.random.default_rng(0)
+    raw, rows = [], []
+    for _ in range(5):  # 5 pairs with batch 2: the last batch wraps around
+        prompt, chosen, rejected = (rng.integers(2, TOK.vocab_size, n).astype(np.int32) for n in (6, 5, 8))
+        raw.append((prompt, chosen, rejected))
+        rows.append(pair_rows({"prompt": prompt, "chosen": chosen, "chosen_mask": np.ones(5, np.float32),
+                               "rejected": rejected, "rejected_mask": np.ones(8, np.float32)}, 16))
+    result = E.preference_accuracy(model, params, stack_pairs(rows), batch_size=2)
+
+    def completion_logp(prompt, completion):  # independent: optax CE over the whole sequence's logits
+        losses = _token_losses(model, params, list(np.concatenate([prompt, completion])))
+        return -losses[len(prompt) - 1:].sum()
+
+    margins = np.array([completion_logp(p, c) - completion_logp(p, r) for p, c, r in raw])
+    assert result["pairs"] == 5
+    assert result["accuracy"] == pytest.approx(np.mean(margins > 0))
+    assert result["margin"] == pytest.approx(np.mean(margins), rel=1e-4)

@@ -1,6 +1,7 @@
 """launch/generate.py and launch/eval.py end to end on a tiny trained workdir; loading LoRA runs."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -65,12 +66,15 @@ def _check_eval(workdir, tmp_path):
                                       "answer": i % 3}) + "\n" for i in range(4)))
     out = tmp_path / "eval.json"
     result = _launch("eval.py", f"--workdir={workdir}", f"--text={text}", "--window=32", "--stride=16",
-                     f"--mc={mc}", f"--letter={mc}", "--shots=1", f"--out={out}")
+                     f"--mc={mc}", f"--letter={mc}", "--shots=1", "--preference=builtin:hh_rlhf_harmless_test",
+                     "--max_pairs=6", f"--out={out}")
     assert result.returncode == 0, result.stderr
     tasks = json.load(open(out))["tasks"]
     ppl = tasks[f"text:{text}"]
     assert ppl["bytes"] == len(text.read_text().encode()) and ppl["perplexity"] > 1
     assert tasks[f"mc:{mc}"]["questions"] == 4 and tasks[f"letter:{mc}"]["questions"] == 3
+    pairs = tasks["preference:builtin:hh_rlhf_harmless_test"]
+    assert pairs["pairs"] == 6 and 0.0 <= pairs["accuracy"] <= 1.0 and math.isfinite(pairs["margin"])
     assert "bits_per_byte" in result.stdout and "accuracy_norm" in result.stdout
 
 

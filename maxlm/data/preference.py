@@ -116,6 +116,26 @@ def pair_rows(pair: Mapping[str, np.ndarray], seq_len: int) -> dict[str, np.ndar
     return rows
 
 
+def records_to_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, template: sft.ChatTemplate, *,
+                     preference_format: str, seq_len: int, max_prompt_len: int, skip_bad: bool,
+                     where: str) -> tuple[dict[str, np.ndarray], int]:
+    """Every record as pair rows stacked ``[N, 2, seq_len]``, and how many bad records were skipped
+    (``skip_bad``; else the first bad one raises, naming ``where`` and its index)."""
+    rows, skipped = [], 0
+    for i, record in enumerate(records):
+        try:
+            pair = tokenize_pair(*to_pair(record, preference_format), tokenizer, template)
+        except ValueError as e:
+            if not skip_bad:
+                raise ValueError(f"{where} record {i}: {e}; set data.on_bad_record=skip to skip it") from None
+            skipped += 1
+            continue
+        rows.append(pair_rows(truncate_pair(pair, seq_len + 1, max_prompt_len), seq_len))
+    if not rows:
+        raise ValueError(f"{where}: no usable preference records")
+    return stack_pairs(rows), skipped
+
+
 def stack_pairs(rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Pair rows stacked into arrays ``[num_pairs, 2, seq_len]``."""
     return {k: np.stack([r[k] for r in rows]) for k in pipeline.BATCH_KEYS}

@@ -32,11 +32,23 @@ def cache_dir(config, workdir: str) -> str:
     return config.data.cache_dir or os.path.join(workdir, "cache")
 
 
-def get_tokenizer(config, workdir: str, text_spec: str | None = None) -> Tokenizer:
-    """``data.tokenizer``: ``char`` (trained once on ``text_spec``, default the source; cached), a ``.model``
+def tokenizer_text(config) -> str:
+    """The text a ``char`` tokenizer is trained on: the dialogue field for HH SFT, ``chosen`` for preference
+    pairs, else the whole ``data.source``."""
+    d, objective = config.data, config.train.objective
+    source = d.source.partition("#")[0]
+    if objective in ("dpo", "reward"):
+        return f"{source}#chosen"
+    if objective == "sft" and d.sft_format == "hh":
+        return f"{source}#{d.sft_field}"
+    return d.source
+
+
+def get_tokenizer(config, workdir: str) -> Tokenizer:
+    """``data.tokenizer``: ``char`` (trained once on ``tokenizer_text``, then cached), a ``.model``
     path, or an HF model directory / ``tokenizer.json`` (needs the hf extra)."""
     spec = config.data.tokenizer
-    text_spec = text_spec or config.data.source
+    text_spec = tokenizer_text(config)
     if os.path.isdir(spec) or spec.endswith(".json"):
         from maxlm.data.hf_tokenizer import load_hf_tokenizer
         return load_hf_tokenizer(spec)
@@ -83,7 +95,7 @@ def pretrain_data(config, workdir: str) -> TrainData:
     return TrainData(tokenizer, train, val_batches)
 
 
-def _records(spec: str, on_bad_record: str, fields: tuple[str, ...]) -> list[dict]:
+def read_records(spec: str, on_bad_record: str, fields: tuple[str, ...]) -> list[dict]:
     """Whole JSONL records of ``jsonl:PATTERN`` or ``builtin:NAME`` (SFT needs more than one text field)."""
     scheme, _, rest = spec.partition(":")
     path = rest.partition("#")[0]
@@ -104,9 +116,8 @@ def sft_data(config, workdir: str) -> TrainData:
     if d.chat_template not in sft.TEMPLATES:
         raise ValueError(f"data.chat_template={d.chat_template!r} is not one of {sorted(sft.TEMPLATES)}")
     required = {"hh": (d.sft_field,), "instruction": ("instruction", "output"), "chat": ()}[d.sft_format]
-    records = _records(d.source, d.on_bad_record, required)
-    field_spec = f"{d.source.partition('#')[0]}#{d.sft_field}" if d.sft_format == "hh" else None
-    tokenizer = get_tokenizer(config, workdir, field_spec)
+    records = read_records(d.source, d.on_bad_record, required)
+    tokenizer = get_tokenizer(config, workdir)
     template = sft.TEMPLATES[d.chat_template]
     examples = [sft.tokenize_dialogue(sft.to_messages(r, d.sft_format, d.sft_field), tokenizer, template,
                                       train_on_prompt=d.train_on_prompt) for r in records]
@@ -139,24 +150,15 @@ def preference_data(config, workdir: str) -> TrainData:
     if d.chat_template not in sft.TEMPLATES:
         raise ValueError(f"data.chat_template={d.chat_template!r} is not one of {sorted(sft.TEMPLATES)}")
     strings = ("chosen", "rejected") if d.preference_format == "hh" else ()  # pairs may hold message lists
-    records = _records(d.source, d.on_bad_record, strings)
-    tokenizer = get_tokenizer(config, workdir, f"{d.source.partition('#')[0]}#chosen")
+    records = read_records(d.source, d.on_bad_record, strings)
+    tokenizer = get_tokenizer(config, workdir)
     template = sft.TEMPLATES[d.chat_template]
-    max_prompt_len = d.max_prompt_len or (t.seq_len + 1) // 2
-    rows, skipped = [], 0
-    for i, record in enumerate(records):
-        try:
-            pair = preference.tokenize_pair(*preference.to_pair(record, d.preference_format), tokenizer, template)
-        except ValueError as e:
-            if d.on_bad_record == "error":
-                raise ValueError(f"{d.source} record {i}: {e}; set data.on_bad_record=skip to skip it") from None
-            skipped += 1
-            continue
-        rows.append(preference.pair_rows(preference.truncate_pair(pair, t.seq_len + 1, max_prompt_len), t.seq_len))
+    pairs, skipped = preference.records_to_pairs(
+        records, tokenizer, template, preference_format=d.preference_format, seq_len=t.seq_len,
+        max_prompt_len=d.max_prompt_len or (t.seq_len + 1) // 2, skip_bad=d.on_bad_record == "skip", where=d.source)
     if skipped:
         logging.warning("preference data: skipped %d bad records of %d", skipped, len(records))
-    pairs = preference.stack_pairs(rows)
-    data = TrainData(tokenizer, None, None, pairs, _split_point(len(rows), d.val_fraction))
+    data = TrainData(tokenizer, None, None, pairs, _split_point(len(pairs["tokens"]), d.val_fraction))
     return with_reference_logps(config, data)
 
 

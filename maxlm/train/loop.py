@@ -102,7 +102,8 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
     data = train_data.make_data(config, workdir)
     if config.model.vocab_size and config.model.vocab_size < data.tokenizer.vocab_size:
         raise config_lib.ConfigError(f"model.vocab_size={config.model.vocab_size} but the tokenizer "
-                                     f"{data.tokenizer.path} has {data.tokenizer.vocab_size} pieces")
+                                     f"{data.tokenizer.path} has {data.tokenizer.vocab_size} pieces "
+                                     "(a larger model vocabulary is fine, a smaller one is not)")
     model_cfg = ModelConfig.from_config(config.model, data.tokenizer.vocab_size)
     config.model.vocab_size = model_cfg.vocab_size
     config_json = config_lib.to_json(config)
