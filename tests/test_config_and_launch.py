@@ -1,7 +1,6 @@
 """Config presets and validation, launch/train.py start-up errors, and one end-to-end tiny run."""
 
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,16 +12,7 @@ from maxlm.config import ConfigError, validate
 from maxlm.models import build_model
 from maxlm.models.transformer import ModelConfig
 from maxlm.train.loop import train
-from tests.helpers import tiny_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _preset(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from tests.helpers import ROOT, preset_config, tiny_config
 
 
 @pytest.mark.parametrize("name,params_millions", [
@@ -30,7 +20,7 @@ def _preset(name):
     ("shakespeare_char", None), ("tiny", None),
 ])
 def test_presets_validate_and_have_the_published_sizes(name, params_millions):
-    config = _preset(name)
+    config = preset_config(name)
     if not config.data.tokenizer:
         config.data.tokenizer = "some.model"
     validate(config, num_devices=4)

@@ -1,7 +1,6 @@
 """DPO and the pairwise reward model: loss formulas, the reference (frozen copy, LoRA base with adapters
 off, precomputed), its immutability, memory under LoRA, and end-to-end runs."""
 
-import importlib.util
 import json
 import math
 import os
@@ -20,9 +19,8 @@ from maxlm.train.loop import train
 from maxlm.train.optimizer import make_optimizer
 from maxlm.train.reference import cache_key, cached_reference_logps
 from maxlm.train.step import init_frozen, init_state, make_train_step, state_layout
-from tests.helpers import tiny_config
+from tests.helpers import preset_config, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 61
 LORA = lora.LoraConfig(rank=4, alpha=8.0, targets=r"attn/w[qkvo]|mlp/w_(gate|up|down)")
 
@@ -166,10 +164,7 @@ def test_precomputed_reference_logps_equal_the_on_the_fly_ones(tmp_path):
 
 
 def test_under_lora_the_state_holds_one_copy_of_the_base_weights():
-    spec = importlib.util.spec_from_file_location("gpt2", os.path.join(ROOT, "configs", "gpt2_small.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = preset_config("gpt2_small")
     model = build_model(ModelConfig.from_config(config.model))
     tx = make_optimizer(config.train)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -268,9 +263,6 @@ def test_end_to_end_lora_dpo_with_precomputed_reference_logps(tmp_path):
 
 @pytest.mark.parametrize("stage", ["sft", "dpo", "dpo_lora", "reward"])
 def test_the_hh_demo_config_validates_at_every_stage(stage):
-    spec = importlib.util.spec_from_file_location("dpo_hh", os.path.join(ROOT, "configs", "dpo_hh.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(stage)
+    config = preset_config("dpo_hh", stage)
     config.init_from = "runs/hh_sft"
     validate(config, num_devices=8)

@@ -1,8 +1,5 @@
 """LoRA: identity at init, only adapters train, merge == base + A@B, adapter-only checkpoints, memory."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,10 +14,9 @@ from maxlm.train.loop import train
 from maxlm.train.objectives import make_objective
 from maxlm.train.optimizer import make_optimizer
 from maxlm.train.step import init_frozen, init_state, make_train_step, state_layout
-from tests.helpers import random_batch, tiny_config
+from tests.helpers import preset_config, random_batch, tiny_config
 
 CFG = lora.LoraConfig(rank=4, alpha=8.0, targets=r"attn/w[qkvo]|mlp/w_(gate|up|down)")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _model():
@@ -103,10 +99,7 @@ def test_adapter_only_checkpoint_round_trip(tmp_path):
 
 
 def test_lora_shrinks_the_optimizer_state_of_a_124m_model_over_50x():
-    spec = importlib.util.spec_from_file_location("gpt2", os.path.join(ROOT, "configs", "gpt2_small.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = preset_config("gpt2_small")
     model = build_model(ModelConfig.from_config(config.model))
     tx = make_optimizer(config.train)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
