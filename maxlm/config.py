@@ -159,7 +159,8 @@ def base_config() -> ConfigDict:
     ))
 
     # LoRA: train low-rank adapters on a frozen base (init_from, else a random base); 0 = full fine-tuning.
-    c.lora = ConfigDict(dict(rank=0, alpha=16.0, targets=r"attn/w[qkvo]|mlp/w_(gate|up|down)"))
+    # quantize_base (QLoRA-style): the frozen targeted weights are stored as int8 with per-channel scales.
+    c.lora = ConfigDict(dict(rank=0, alpha=16.0, targets=r"attn/w[qkvo]|mlp/w_(gate|up|down)", quantize_base=False))
 
     c.sample = ConfigDict(dict(prompt="\n", num_tokens=200, temperature=0.8, top_k=0))
     return c
@@ -259,6 +260,8 @@ def validate(config: ConfigDict, num_devices: int) -> None:
                           f"and model.num_kv_heads={kv}")
     if config.lora.rank < 0 or (config.lora.rank and config.lora.alpha <= 0):
         raise ConfigError(f"lora.rank={config.lora.rank} must be >= 0 and lora.alpha > 0")
+    if config.lora.quantize_base and not config.lora.rank:
+        raise ConfigError("lora.quantize_base stores the frozen LoRA base in int8: it needs lora.rank > 0")
     _validate_preference(config)
     c = config.checkpoint
     if c.every_steps < 0 or c.every_minutes < 0 or c.keep_last < 1 or c.keep_every < 0:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from maxlm.config import ConfigError, validate
@@ -42,6 +43,8 @@ def test_presets_validate_and_have_the_published_sizes(name, params_millions):
     ("model.rope_scaling", "yarn", "model.rope_scaling='yarn' is not one of"),
     ("model.rope_high_freq_factor", 0.5, "model.rope_scaling=llama3 needs 0 < model.rope_low_freq_factor"),
     ("model.embed_dim", -1, "model.embed_dim=-1 must be >= 0"),
+    ("lora.quantize_base", True, "lora.quantize_base stores the frozen LoRA base in int8: it needs lora.rank > 0"),
+    ("mesh.cpu_devices", -1, "mesh.cpu_devices=-1 must be >= 0"),
 ])
 def test_validation_names_the_key(key, value, needle):
     config = tiny_config()
@@ -95,4 +98,20 @@ def test_tiny_run_writes_metrics_tensorboard_config_and_sample(tmp_path):
 def test_vocab_mismatch_between_config_and_tokenizer_is_an_error(tmp_path):
     config = tiny_config(vocab_size=10)  # larger than the tokenizer is allowed (HF models pad their vocab)
     with pytest.raises(ConfigError, match="model.vocab_size=10 but the tokenizer"):
+        train(config, str(tmp_path))
+
+
+def test_cpu_devices_splits_the_host_and_the_mesh_uses_them(tmp_path):
+    result = _launch("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.steps=3",
+                     "--config.mesh.data=-1", "--config.mesh.fsdp=1", "--config.mesh.cpu_devices=2",
+                     "--config.checkpoint.every_steps=0", "--config.sample.num_tokens=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in result.stderr
+
+
+def test_cpu_devices_after_jax_started_is_a_config_error(tmp_path):
+    assert len(jax.devices("cpu")) == 8  # starts JAX here (conftest's 8 devices) if no test did yet
+    config = tiny_config()
+    config.mesh.cpu_devices = 3
+    with pytest.raises(ConfigError, match="mesh.cpu_devices=3, but JAX already started with 8 CPU devices"):
         train(config, str(tmp_path))

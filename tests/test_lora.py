@@ -107,3 +107,43 @@ def test_lora_shrinks_the_optimizer_state_of_a_124m_model_over_50x():
     full = state_layout(model, tx, mesh)
     low = state_layout(model, tx, mesh, lora.LoraConfig(8, 16.0, r"attn/w[qkvo]|mlp/w_(gate|up|down)"))
     assert nbytes(full.abstract["opt_state"]) / nbytes(low.abstract["opt_state"]) > 50
+
+
+def test_int8_base_round_trips_within_half_a_step_per_channel():
+    model, params = _model()
+    cfg = lora.LoraConfig(4, 8.0, CFG.targets, quantize_base=True)
+    stored = lora.quantize_int8(params, cfg)
+    back = lora.dequantize(stored)
+    for path in lora.target_paths(params, cfg):
+        block, module, name = path.split("/")
+        q, w = stored[block][module][name], params[block][module][name]
+        assert q["int8"].dtype == jnp.int8 and q["int8"].shape == w.shape
+        error = jnp.abs(back[block][module][name] - w)
+        assert bool(jnp.all(error <= q["scale"] / 2 + 1e-7))
+    np.testing.assert_array_equal(back["embed"], params["embed"])  # untargeted params are not touched
+    np.testing.assert_array_equal(back["blocks"]["attn_norm"]["scale"], params["blocks"]["attn_norm"]["scale"])
+
+
+def test_int8_base_stores_a_quarter_of_the_targeted_bytes_of_a_124m_model():
+    config = preset_config("gpt2_small")
+    model = build_model(ModelConfig.from_config(config.model))
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    cfg = lora.LoraConfig(8, 16.0, CFG.targets, quantize_base=True)
+    layout = state_layout(model, make_optimizer(config.train), mesh, cfg)
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+    stored = jax.eval_shape(lambda p: lora.quantize_int8(p, cfg), layout.frozen_abstract)
+    targets = lora.target_paths(layout.frozen_abstract, cfg)
+    targeted = sum(np.prod(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(
+        layout.frozen_abstract)[0] if "/".join(k.key for k in path) in targets)
+    assert nbytes(layout.frozen_abstract) - nbytes(stored) > 0.74 * 3 * targeted  # 4 bytes -> 1 (+ scales)
+    assert jax.tree.structure(layout.frozen_shardings) == jax.tree.structure(stored)
+
+
+def test_qlora_trains_on_the_int8_base_close_to_the_float_base(tmp_path):
+    losses = {}
+    for quantize in (False, True):
+        config = tiny_config()
+        config.lora.update(rank=4, alpha=8.0, quantize_base=quantize)
+        config.train.steps = 3
+        losses[quantize] = train(config, str(tmp_path / str(quantize)))["loss"]
+    assert np.isfinite(losses[True]) and losses[True] == pytest.approx(losses[False], rel=1e-2)

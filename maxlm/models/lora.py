@@ -27,6 +27,7 @@ class LoraConfig:
     rank: int
     alpha: float
     targets: str  # regex over "/"-joined parameter paths, e.g. "attn/w[qkvo]|mlp/w_(gate|up|down)"
+    quantize_base: bool = False  # QLoRA-style: the frozen targeted weights stored as int8 (see quantize_int8)
 
     @property
     def scale(self) -> float:
@@ -97,3 +98,40 @@ def merge(params: Params, adapters: Params, cfg: LoraConfig) -> Params:
         key = _path(path)
         return w + delta(key, adapters[key], w.shape, cfg.scale).astype(w.dtype) if key in adapters else w
     return jax.tree_util.tree_map_with_path(fold, params)
+
+
+def _is_quantized(x) -> bool:
+    return isinstance(x, dict) and set(x) == {"int8", "scale"}
+
+
+def quantize_int8(params: Params, cfg: LoraConfig) -> Params:
+    """The targeted weights as ``{"int8", "scale"}``: symmetric int8 with one float32 scale per output
+    channel (the max |w| over the input axes / 127); every other param stays as it is."""
+    targets = set(target_paths(params, cfg))
+
+    def quantize(path, w):
+        key = _path(path)
+        if key not in targets:
+            return w
+        start, split = _split(key, w.shape)
+        w = w.astype(jnp.float32)
+        scale = jnp.max(jnp.abs(w), axis=tuple(range(start, split)), keepdims=True) / 127.0
+        scale = jnp.where(scale > 0, scale, 1.0)
+        return {"int8": jnp.round(w / scale).astype(jnp.int8), "scale": scale}
+
+    return jax.tree_util.tree_map_with_path(quantize, params)
+
+
+def dequantize(params: Params, dtype=jnp.float32) -> Params:
+    """``quantize_int8``'s params back in ``dtype`` (params that are not quantized pass through)."""
+    return jax.tree.map(lambda x: (x["int8"].astype(jnp.float32) * x["scale"]).astype(dtype) if _is_quantized(x) else x,
+                        params, is_leaf=_is_quantized)
+
+
+def quantized_specs(param_specs: Params, cfg: LoraConfig, abstract_params: Params) -> Params:
+    """PartitionSpecs of ``quantize_int8(params)``: the int8 weights and their scales shard like the weight
+    (a scale's size-1 input axes are left unsharded by ``sharding.fit_spec``)."""
+    targets = set(target_paths(abstract_params, cfg))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, spec: {"int8": spec, "scale": spec} if _path(path) in targets else spec,
+        param_specs, is_leaf=lambda x: isinstance(x, P))

@@ -113,7 +113,8 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
 
     model = build_model(model_cfg, rules)
     tx = make_optimizer(t)
-    lora = LoraConfig(config.lora.rank, config.lora.alpha, config.lora.targets) if config.lora.rank else None
+    lora = (LoraConfig(config.lora.rank, config.lora.alpha, config.lora.targets, config.lora.quantize_base)
+            if config.lora.rank else None)
     dpo = t.objective == "dpo" and not t.dpo.reference_free
     precompute = dpo and t.dpo.precompute_reference
     # Without LoRA a DPO reference is a separate frozen copy (unless precomputed); under LoRA it is the base.
@@ -144,10 +145,10 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
         # checkpointed. The DPO reference is init_from (validate() insists), which is also the policy's start.
         frozen = None
         if layout.frozen_abstract is not None:
-            frozen = (load_pretrained(layout.frozen_abstract) if pretrained
-                      else init_frozen(model, layout, config.seed))
+            frozen = layout.store_frozen(load_pretrained(layout.frozen_abstract) if pretrained
+                                         else init_frozen(model, layout, config.seed))
         if precompute:  # one pass of the reference over every pair, then no reference params are kept
-            reference = frozen if lora else load_pretrained(layout.abstract["params"])
+            reference = layout.reference_params(frozen) if lora else load_pretrained(layout.abstract["params"])
             ref_logps = cached_reference_logps(model, reference, data.pairs, t.batch_size, mesh, rules,
                                                train_data.cache_dir(config, workdir))
             del reference

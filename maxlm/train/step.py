@@ -38,15 +38,29 @@ class StateLayout:
     shardings: TrainState
     lora: lora_lib.LoraConfig | None = None
     frozen_abstract: Any = None  # the base params under LoRA, the reference params for DPO, else None
-    frozen_shardings: Any = None
+    frozen_shardings: Any = None  # as the step takes them: int8 targeted weights under lora.quantize_base
 
     @property
     def param_shardings(self):
         return self.shardings["params"]
 
+    @property
+    def quantized(self) -> bool:
+        return bool(self.lora and self.lora.quantize_base)
+
+    def store_frozen(self, params):
+        """The frozen params (``frozen_abstract``'s float layout) as the step takes them."""
+        if not self.quantized:
+            return params
+        return jax.jit(lambda p: lora_lib.quantize_int8(p, self.lora), out_shardings=self.frozen_shardings)(params)
+
+    def reference_params(self, frozen):
+        """The frozen params as a model runs them (the DPO reference; the LoRA base with adapters off)."""
+        return lora_lib.dequantize(frozen) if self.quantized and frozen is not None else frozen
+
     def model_params(self, trainable, frozen):
         """What the model runs with: the trained params, or the frozen base with the adapters folded in."""
-        return lora_lib.merge(frozen, trainable, self.lora) if self.lora else trainable
+        return lora_lib.merge(self.reference_params(frozen), trainable, self.lora) if self.lora else trainable
 
 
 def state_layout(model: Model, tx: optax.GradientTransformation, mesh: Mesh,
@@ -76,9 +90,14 @@ def state_layout(model: Model, tx: optax.GradientTransformation, mesh: Mesh,
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
     if not (lora or reference):
         return StateLayout(with_sharding(abstract, shardings), shardings)
-    frozen_shardings = sharding.named_shardings(mesh, base_specs)
+    base_shardings = sharding.named_shardings(mesh, base_specs)
+    frozen_shardings = base_shardings
+    if lora and lora.quantize_base:
+        stored = jax.eval_shape(lambda p: lora_lib.quantize_int8(p, lora), base_params)
+        frozen_shardings = sharding.named_shardings(
+            mesh, fit(lora_lib.quantized_specs(base_specs, lora, base_params), stored))
     return StateLayout(with_sharding(abstract, shardings), shardings, lora,
-                       with_sharding(base_params, frozen_shardings), frozen_shardings)
+                       with_sharding(base_params, base_shardings), frozen_shardings)
 
 
 def init_frozen(model: Model, layout: StateLayout, seed: int):
@@ -86,8 +105,8 @@ def init_frozen(model: Model, layout: StateLayout, seed: int):
 
     They equal the random policy init of the same seed, so a DPO reference made this way is the policy at step 0.
     """
-    return jax.jit(lambda rng: model.init(jax.random.split(rng)[0]),
-                   out_shardings=layout.frozen_shardings)(jax.random.key(seed))
+    shardings = jax.tree.map(lambda a: a.sharding, layout.frozen_abstract)
+    return jax.jit(lambda rng: model.init(jax.random.split(rng)[0]), out_shardings=shardings)(jax.random.key(seed))
 
 
 def init_state(model: Model, tx: optax.GradientTransformation, layout: StateLayout, seed: int,
@@ -139,7 +158,7 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, layo
         scale = state.get("loss_scale")
 
         def scaled_objective(params, batch, rng):
-            loss, metrics = objective(layout.model_params(params, frozen), batch, rng, frozen)
+            loss, metrics = objective(layout.model_params(params, frozen), batch, rng, layout.reference_params(frozen))
             return (loss if scale is None else loss_scale.scale_loss(loss, scale)), metrics
 
         grad_fn = jax.value_and_grad(scaled_objective, has_aux=True)
@@ -196,7 +215,7 @@ def make_eval_step(objective: Objective, layout: StateLayout, mesh: Mesh, rules)
     """``eval_step(params, batch, frozen) -> {<name>_sum..., num_tokens}`` (no dropout): sums to add over batches."""
 
     def eval_step(params, batch, frozen):
-        _, metrics = objective(layout.model_params(params, frozen), batch, None, frozen)
+        _, metrics = objective(layout.model_params(params, frozen), batch, None, layout.reference_params(frozen))
         return {k: v for k, v in metrics.items() if k.endswith("_sum") or k == "num_tokens"}
 
     batch_sharding = NamedSharding(mesh, sharding.batch_spec(rules))
