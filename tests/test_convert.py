@@ -338,3 +338,24 @@ def test_train_init_from_hf_errors_name_the_directory(tmp_path):
     config.init_from_hf = str(tmp_path / "missing")
     with pytest.raises(ConfigError, match="init_from_hf=.*missing.*not a Hugging Face model directory"):
         train(config, str(tmp_path / "run"))
+
+
+def test_a_converted_hf_model_loads_for_generate_and_eval_with_its_logits(hf_models, tmp_path):
+    from maxlm.data.sources import BUILTIN_CORPORA, asset_path
+    from maxlm.pretrained import load_workdir
+
+    directory, hf_model = hf_models("gpt2")
+    hf_dir = tmp_path / "gpt2"
+    hf_dir.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (hf_dir / name).write_bytes((directory / name).read_bytes())
+    corpus = asset_path(BUILTIN_CORPORA["tinyshakespeare"][0])
+    train_tokenizer([corpus], str(hf_dir / "tokenizer"), vocab_size=VOCAB, model_type="char", byte_fallback=False)
+    workdir.hf_to_workdir(hf_dir, tmp_path / "run")
+    run = load_workdir(str(tmp_path / "run"))  # what launch/generate.py and launch/eval.py load
+    tokens = np.asarray([run.tokenizer.encode("To be, or not")], np.int32)
+    positions = np.arange(tokens.shape[1])[None]
+    ours = np.asarray(run.model.apply(run.params, tokens, positions, np.ones_like(tokens))[0])
+    with torch.no_grad():
+        theirs = hf_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    assert np.max(np.abs(ours - theirs)) < 1e-4
