@@ -300,18 +300,25 @@ def test_sentencepiece_model_in_the_directory_is_used_as_is(tmp_path):
     assert isinstance(tok, Tokenizer) and tok.encode("to be") == trained.encode("to be")
 
 
-def test_train_init_from_hf_starts_from_the_hf_weights_and_tokenizer(hf_models, tmp_path):
+def _gpt2_with_tokenizer(hf_models, tmp_path) -> tuple[Path, object]:
+    """The tiny GPT-2 directory plus a sentencepiece ``tokenizer.model`` (char, Tiny Shakespeare)."""
     from maxlm.data.sources import BUILTIN_CORPORA, asset_path
-    from maxlm.train.loop import train
-    from tests.helpers import tiny_config
 
-    directory, _ = hf_models("gpt2")
+    directory, hf_model = hf_models("gpt2")
     hf_dir = tmp_path / "gpt2"
     hf_dir.mkdir()
     for name in ("config.json", "model.safetensors"):
         (hf_dir / name).write_bytes((directory / name).read_bytes())
     corpus = asset_path(BUILTIN_CORPORA["tinyshakespeare"][0])
     train_tokenizer([corpus], str(hf_dir / "tokenizer"), vocab_size=VOCAB, model_type="char", byte_fallback=False)
+    return hf_dir, hf_model
+
+
+def test_train_init_from_hf_starts_from_the_hf_weights_and_tokenizer(hf_models, tmp_path):
+    from maxlm.train.loop import train
+    from tests.helpers import tiny_config
+
+    hf_dir, _ = _gpt2_with_tokenizer(hf_models, tmp_path)
 
     config = tiny_config()
     config.init_from_hf = str(hf_dir)
@@ -341,16 +348,9 @@ def test_train_init_from_hf_errors_name_the_directory(tmp_path):
 
 
 def test_a_converted_hf_model_loads_for_generate_and_eval_with_its_logits(hf_models, tmp_path):
-    from maxlm.data.sources import BUILTIN_CORPORA, asset_path
     from maxlm.pretrained import load_workdir
 
-    directory, hf_model = hf_models("gpt2")
-    hf_dir = tmp_path / "gpt2"
-    hf_dir.mkdir()
-    for name in ("config.json", "model.safetensors"):
-        (hf_dir / name).write_bytes((directory / name).read_bytes())
-    corpus = asset_path(BUILTIN_CORPORA["tinyshakespeare"][0])
-    train_tokenizer([corpus], str(hf_dir / "tokenizer"), vocab_size=VOCAB, model_type="char", byte_fallback=False)
+    hf_dir, hf_model = _gpt2_with_tokenizer(hf_models, tmp_path)
     workdir.hf_to_workdir(hf_dir, tmp_path / "run")
     run = load_workdir(str(tmp_path / "run"))  # what launch/generate.py and launch/eval.py load
     tokens = np.asarray([run.tokenizer.encode("To be, or not")], np.int32)
