@@ -95,9 +95,9 @@ class Checkpointer:
         """True at the step where all hosts agreed to stop (multi-host runs only)."""
         return self._mgr.reached_preemption(step)
 
-    def will_save(self, step: int) -> bool:
-        """Whether ``save(step, ...)`` without ``force`` would save."""
-        return step not in self._mgr.all_steps() and self._mgr.should_save(step)
+    def will_save(self, step: int, force: bool = False) -> bool:
+        """Whether ``save(step, ..., force=force)`` would save: the step is new and a policy (or ``force``) says so."""
+        return step not in self._mgr.all_steps() and (force or self._mgr.should_save(step))
 
     def save(
         self,
@@ -114,7 +114,7 @@ class Checkpointer:
         and the files are written in the background; the iterator state is read
         before it returns, so the caller may advance the iterator (and donate `state`).
         """
-        if step in self._mgr.all_steps() or not (force or self._mgr.should_save(step)):
+        if not self.will_save(step, force):
             return False
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:

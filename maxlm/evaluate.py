@@ -36,7 +36,7 @@ from tqdm import tqdm
 from maxlm.data.sources import BadRecordError
 from maxlm.generate import jitted
 from maxlm.models import Model
-from maxlm.train.objectives import pair_logps
+from maxlm.train.objectives import pair_logps, sequence_logps
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 Params = Any
@@ -115,9 +115,9 @@ def _target_logprobs(model: Model, params, tokens, targets, mask):
     """Per row: summed log-prob of the masked targets and their count. Rows are right-padded, so under
     causal attention no real token sees the padding (one segment per row is enough)."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    logits, _ = model.apply(params, tokens, positions, jnp.ones_like(tokens))
-    logp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(jnp.where(mask > 0, logp, 0.0), axis=1), jnp.sum(mask, axis=1)
+    rows = {"tokens": tokens, "targets": targets, "positions": positions, "segment_ids": jnp.ones_like(tokens),
+            "loss_mask": mask}
+    return sequence_logps(model, params, rows)[0], jnp.sum(mask, axis=1)
 
 
 def _last_logprobs(model: Model, params, tokens, lengths):

@@ -113,12 +113,10 @@ def sft_data(config, workdir: str) -> TrainData:
     The last ``data.val_fraction`` of the records are held out for evaluation.
     """
     d, t = config.data, config.train
-    if d.chat_template not in sft.TEMPLATES:
-        raise ValueError(f"data.chat_template={d.chat_template!r} is not one of {sorted(sft.TEMPLATES)}")
     required = {"hh": (d.sft_field,), "instruction": ("instruction", "output"), "chat": ()}[d.sft_format]
+    template = _chat_template(d)
     records = read_records(d.source, d.on_bad_record, required)
     tokenizer = get_tokenizer(config, workdir)
-    template = sft.TEMPLATES[d.chat_template]
     examples = [sft.tokenize_dialogue(sft.to_messages(r, d.sft_format, d.sft_field), tokenizer, template,
                                       train_on_prompt=d.train_on_prompt) for r in records]
     cut = _split_point(len(examples), d.val_fraction)
@@ -127,13 +125,16 @@ def sft_data(config, workdir: str) -> TrainData:
     train = pipeline.packed_dataset(examples[:cut], **common)
 
     def val_batches() -> Iterator[dict[str, np.ndarray]]:
-        it = pipeline.packed_dataset(examples[cut:], num_epochs=1, **common)
-        for i, batch in enumerate(it):
-            if i == t.eval_batches:
-                return
-            yield batch
+        return itertools.islice(pipeline.packed_dataset(examples[cut:], num_epochs=1, **common), t.eval_batches)
 
     return TrainData(tokenizer, train, val_batches)
+
+
+def _chat_template(d) -> sft.ChatTemplate:
+    """``data.chat_template``'s template (SFT and preference data)."""
+    if d.chat_template not in sft.TEMPLATES:
+        raise ValueError(f"data.chat_template={d.chat_template!r} is not one of {sorted(sft.TEMPLATES)}")
+    return sft.TEMPLATES[d.chat_template]
 
 
 def _split_point(count: int, val_fraction: float) -> int:
@@ -147,12 +148,10 @@ def preference_data(config, workdir: str) -> TrainData:
     """Preference pairs (``data.preference_format``) rendered with ``data.chat_template``, one pair
     per ``[2, seq_len]`` row pair; the last ``data.val_fraction`` of the records are held out."""
     d, t = config.data, config.train
-    if d.chat_template not in sft.TEMPLATES:
-        raise ValueError(f"data.chat_template={d.chat_template!r} is not one of {sorted(sft.TEMPLATES)}")
     strings = ("chosen", "rejected") if d.preference_format == "hh" else ()  # pairs may hold message lists
+    template = _chat_template(d)
     records = read_records(d.source, d.on_bad_record, strings)
     tokenizer = get_tokenizer(config, workdir)
-    template = sft.TEMPLATES[d.chat_template]
     pairs, skipped = preference.records_to_pairs(
         records, tokenizer, template, preference_format=d.preference_format, seq_len=t.seq_len,
         max_prompt_len=d.max_prompt_len or (t.seq_len + 1) // 2, skip_bad=d.on_bad_record == "skip", where=d.source)

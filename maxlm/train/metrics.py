@@ -83,7 +83,7 @@ def _drop_lines_after(path: str, step: int) -> None:
     if not os.path.exists(path):
         return
     with open(path) as f:
-        lines = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
+        lines = [line for line in f if (line_step := _step_of(line)) is not None and line_step <= step]
     with open(path + ".tmp", "w") as f:
         f.writelines(lines)
     os.replace(path + ".tmp", path)
