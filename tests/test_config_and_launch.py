@@ -115,3 +115,12 @@ def test_cpu_devices_after_jax_started_is_a_config_error(tmp_path):
     config.mesh.cpu_devices = 3
     with pytest.raises(ConfigError, match="mesh.cpu_devices=3, but JAX already started with 8 CPU devices"):
         train(config, str(tmp_path))
+
+
+def test_compile_cache_dir_receives_the_compiled_programs(tmp_path):
+    cache = tmp_path / "xla"
+    result = _launch("--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}", "--config.train.steps=3",
+                     f"--config.compile_cache_dir={cache}", "--config.checkpoint.every_steps=0",
+                     "--config.sample.num_tokens=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert any("train_step" in p.name for p in cache.iterdir())
