@@ -1,6 +1,8 @@
 """maxlm's main job against the plain PyTorch reference of the same model and recipe, side by side.
 
-Each side runs in its own subprocess, one after the other, on the same cores:
+Each side runs in its own subprocess, one after the other, on the same cores, interleaved
+(maxlm cold, torch, maxlm warm, torch) so that each maxlm run is compared with the torch run next to
+it: this VM's speed drifts by tens of percent over minutes.
 
     python benchmarks/shakespeare_vs_torch.py [--steps 2000] [--out benchmarks/results/shakespeare_cpu.md]
 
@@ -60,16 +62,18 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as cache_dir:  # cold: compiles everything; warm: a rerun, cache hits
         cold = run_maxlm(args.steps, args.eval_batches, cache_dir)
+        torch_1 = run_torch(args.steps, args.eval_batches)
         warm = run_maxlm(args.steps, args.eval_batches, cache_dir)
-    torch = run_torch(args.steps, args.eval_batches)
+        torch_2 = run_torch(args.steps, args.eval_batches)
     rows = [("wall time (s)", "wall_s"), ("median step (ms)", "step_time_s"), ("tokens/s", "tokens_per_sec"),
             ("val loss", "val_loss")]
-    table = ["| metric | maxlm (cold compile cache) | maxlm (warm) | pytorch | cold / pytorch | warm / pytorch |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    table = ["| metric | maxlm (cold compile cache) | pytorch (run 1) | maxlm (warm) | pytorch (run 2) "
+             "| cold / run 1 | warm / run 2 |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, key in rows:
         scale = 1000.0 if key == "step_time_s" else 1.0
-        a, w, b = cold[key] * scale, warm[key] * scale, torch[key] * scale
-        table.append(f"| {name} | {a:.4g} | {w:.4g} | {b:.4g} | {a / b:.3f} | {w / b:.3f} |")
+        a, b, w, c = (run[key] * scale for run in (cold, torch_1, warm, torch_2))
+        table.append(f"| {name} | {a:.4g} | {b:.4g} | {w:.4g} | {c:.4g} | {a / b:.3f} | {w / c:.3f} |")
+    torch = torch_1
     text = (f"shakespeare_char, {args.steps} steps, batch 12 x 64, {os.cpu_count()} CPU cores, "
             f"torch {torch.get('torch_version')}\n\n" + "\n".join(table))
     print(text)

@@ -106,6 +106,8 @@ def base_config() -> ConfigDict:
         batch_size=32,  # global, in sequences
         seq_len=256,
         grad_accum=1,  # micro-batches per step; batch_size must divide by it
+        steps_per_call=1,  # train steps per jitted call, a lax.scan over that many batches: less host work per
+        # step for small models; eval_every and checkpoint.every_steps must be multiples of it
         lr=3e-4,
         schedule="cosine",  # cosine | linear | constant
         warmup_steps=100,
@@ -200,7 +202,7 @@ def validate(config: ConfigDict, num_devices: int) -> None:
             raise ConfigError(f"{key}={_get(config, key)!r} is not one of {', '.join(choices)}")
     m, t = config.model, config.train
     for key in ("model.d_model", "model.num_layers", "model.num_heads", "train.steps",
-                "train.batch_size", "train.seq_len", "train.grad_accum", "train.log_every",
+                "train.batch_size", "train.seq_len", "train.grad_accum", "train.steps_per_call", "train.log_every",
                 "train.eval_batches"):
         if _get(config, key) <= 0:
             raise ConfigError(f"{key}={_get(config, key)} must be positive")
@@ -238,6 +240,10 @@ def validate(config: ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     if t.eval_every < 0 or t.clip_norm < 0 or t.z_loss < 0:
         raise ConfigError("train.eval_every, train.clip_norm and train.z_loss must be >= 0")
+    for key in ("train.eval_every", "checkpoint.every_steps"):
+        if _get(config, key) % t.steps_per_call:
+            raise ConfigError(f"{key}={_get(config, key)} is not a multiple of train.steps_per_call={t.steps_per_call} "
+                              "(evals and checkpoints happen between calls)")
     if not config.data.tokenizer:
         raise ConfigError("data.tokenizer is empty: give 'char' or the path of a sentencepiece .model")
     if not 0.0 < config.data.val_fraction < 1.0:

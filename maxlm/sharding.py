@@ -114,9 +114,16 @@ def fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
     return P(*fitted)
 
 
+def partitioned_mesh() -> jax.sharding.AbstractMesh | None:
+    """The mesh XLA partitions the code being traced over: None outside a mesh context and inside a
+    ``shard_map`` that is manual over every axis (there each device runs on its own shard)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty or mesh.are_all_axes_manual else mesh
+
+
 def constrain(x: jax.Array, names: Sequence[str | None], rules: Rules) -> jax.Array:
-    """Sharding constraint on an activation; a no-op outside a mesh context."""
-    if jax.sharding.get_abstract_mesh().empty:
+    """Sharding constraint on an activation; a no-op where nothing is partitioned (see ``partitioned_mesh``)."""
+    if partitioned_mesh() is None:
         return x
     return jax.lax.with_sharding_constraint(x, logical_to_spec(names, rules))
 
@@ -131,7 +138,14 @@ def batch_spec(rules: Rules) -> P:
     return logical_to_spec(("activation_batch", "activation_length"), rules)
 
 
-def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules) -> dict[str, jax.Array]:
-    """Assembles each process's local rows into global arrays sharded over the batch axes."""
-    sharding = NamedSharding(mesh, batch_spec(rules))
+def to_global_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: Rules,
+                    stacked: bool = False) -> dict[str, jax.Array]:
+    """Assembles each process's local rows into global arrays sharded over the batch axes.
+
+    ``stacked``: the arrays are ``[steps, rows, ...]``, batches for several steps (``train.steps_per_call``).
+    """
+    spec = batch_spec(rules)
+    sharding = NamedSharding(mesh, P(None, *spec) if stacked else spec)
+    if jax.process_count() == 1:  # local rows are the global batch: one batched transfer for all arrays
+        return jax.device_put(batch, sharding)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -30,6 +30,20 @@ def test_presets_validate_and_have_the_published_sizes(name, params_millions):
         assert model.cfg.num_params() / 1e6 == pytest.approx(params_millions, abs=0.1)
 
 
+def test_evals_and_checkpoints_must_fall_between_calls_of_steps_per_call():
+    config = tiny_config()
+    config.train.update(steps=100, steps_per_call=4, eval_every=8)
+    config.checkpoint.every_steps = 12
+    validate(config, num_devices=8)
+    for key, value in (("train.eval_every", 10), ("checkpoint.every_steps", 6)):
+        bad = tiny_config()
+        bad.train.update(steps=100, steps_per_call=4)
+        section, field = key.split(".")
+        bad[section][field] = value
+        with pytest.raises(ConfigError, match=f"{key}={value} is not a multiple of train.steps_per_call=4"):
+            validate(bad, num_devices=8)
+
+
 @pytest.mark.parametrize("key,value,needle", [
     ("model.num_heads", 5, "model.num_heads=5 does not divide model.d_model"),
     ("model.num_kv_heads", 3, "model.num_kv_heads=3 does not divide model.num_heads"),
@@ -45,6 +59,7 @@ def test_presets_validate_and_have_the_published_sizes(name, params_millions):
     ("model.embed_dim", -1, "model.embed_dim=-1 must be >= 0"),
     ("lora.quantize_base", True, "lora.quantize_base stores the frozen LoRA base in int8: it needs lora.rank > 0"),
     ("mesh.cpu_devices", -1, "mesh.cpu_devices=-1 must be >= 0"),
+    ("train.steps_per_call", 0, "train.steps_per_call=0 must be positive"),
 ])
 def test_validation_names_the_key(key, value, needle):
     config = tiny_config()

@@ -356,6 +356,24 @@ def test_injected_nan_is_rolled_back_and_the_run_finishes(env, reference, tmp_pa
     assert last["loss"] < reference["losses"][1] - 0.25  # it kept training
 
 
+def test_steps_per_call_trains_like_the_reference_and_guards_every_step(env, reference, tmp_path):
+    workdir = tmp_path / "run"
+    _run_ok(env, workdir, "train.steps_per_call=2")
+    losses = _losses(workdir)  # every step is logged, though the loop sees them two at a time
+    assert sorted(losses) == sorted(reference["losses"])
+    np.testing.assert_allclose([losses[s] for s in sorted(losses)],
+                               [reference["losses"][s] for s in sorted(losses)], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 _state(workdir)["params"], reference["state"]["params"])
+
+    nan_dir = tmp_path / "nan"
+    _run_ok(env, nan_dir, "train.steps_per_call=2", "debug.nan_at_steps=(4,)")
+    # step 5 is the first of the call that runs steps 5 and 6: the guard names it, not the call's last step
+    assert [e["step"] for e in _events(nan_dir, "divergence_detected")] == [5]
+    assert [(e["from_step"], e["to_step"]) for e in _events(nan_dir, "divergence_rollback")] == [(5, 4)]
+    assert int(_state(nan_dir)["step"]) == STEPS
+
+
 def test_too_many_divergences_exit_43(env, reference, tmp_path):
     workdir = tmp_path / "run"
     proc = _run(env, workdir, "debug.nan_at_steps=(3,5,7)", "train.divergence.max_rollbacks=1")

@@ -1,5 +1,7 @@
 """The jitted train step: sharded == unsharded, gradient accumulation, optimizer masks, schedule, z-loss."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,7 @@ from maxlm.models import build_model
 from maxlm.models.transformer import ModelConfig
 from maxlm.train.objectives import make_objective
 from maxlm.train.optimizer import decay_mask, lr_schedule, make_optimizer
-from maxlm.train.step import init_state, make_train_step, state_layout
+from maxlm.train.step import flat_grad_all_reduce, init_state, make_train_step, state_layout
 from tests.helpers import random_batch, tiny_config
 
 VOCAB = 61
@@ -42,6 +44,55 @@ def test_sharded_matches_single_device(mesh_shape):
     losses, params = _losses(config, mesh_shape)
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6), params, ref_params)
+
+
+def test_pure_data_parallel_on_cpu_sums_gradients_in_one_flat_all_reduce():
+    config = tiny_config(num_heads=8, num_kv_heads=8)
+    rules = sharding.DEFAULT_RULES
+    model = build_model(ModelConfig.from_config(config.model, VOCAB), rules)
+    tx = make_optimizer(config.train)
+    for shape, flat in [((8, 1, 1), True), ((2, 4, 1), False), ((2, 1, 4), False), ((1, 1, 1), False)]:
+        mesh = sharding.make_mesh(*shape, devices=jax.devices()[:int(np.prod(shape))])
+        assert flat_grad_all_reduce(state_layout(model, tx, mesh), mesh) == flat, shape
+    mesh = sharding.make_mesh(8, 1, 1)
+    layout = state_layout(model, tx, mesh)
+    with jax.set_mesh(mesh):
+        state = init_state(model, tx, layout, seed=0)
+        step = make_train_step(make_objective("pretrain", model, config.train), tx, layout, mesh, rules)
+        batch = sharding.to_global_batch(random_batch(8, 16, VOCAB), mesh, rules)
+        hlo = step.lower(state, batch, None).compile().as_text()
+    all_reduces = [line.split(" = ", 1)[1].split(" all-reduce(")[0] for line in hlo.splitlines() if " all-reduce(" in line]
+    assert len(all_reduces) == 1, all_reduces
+    arrays = re.findall(r"f32\[(\d+)\]", all_reduces[0])  # non-scalar operands (the loss normalizer is a scalar)
+    num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    assert arrays == [str(num_params + 4)], all_reduces  # the gradients and 4 metrics (loss, z-loss, tokens, act norm)
+
+
+def test_steps_per_call_scans_the_same_steps_in_one_call():
+    config = tiny_config()
+    mesh = sharding.make_mesh(2, 1, 1, devices=jax.devices()[:2])
+    rules = sharding.DEFAULT_RULES
+    model = build_model(ModelConfig.from_config(config.model, VOCAB), rules)
+    tx = make_optimizer(config.train)
+    layout = state_layout(model, tx, mesh)
+    objective = make_objective("pretrain", model, config.train)
+    batches = [random_batch(config.train.batch_size, config.train.seq_len, VOCAB, seed=i, packed=i == 1)
+               for i in range(3)]
+    with jax.set_mesh(mesh):
+        one = make_train_step(objective, tx, layout, mesh, rules)
+        state, losses = init_state(model, tx, layout, seed=0), []
+        for batch in batches:
+            state, metrics = one(state, sharding.to_global_batch(batch, mesh, rules), None)
+            losses.append(float(metrics["loss"]))
+        expected = jax.device_get(state["params"])
+        three = make_train_step(objective, tx, layout, mesh, rules, steps_per_call=3)
+        stacked = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+        state, metrics = three(init_state(model, tx, layout, seed=0),
+                               sharding.to_global_batch(stacked, mesh, rules, stacked=True), None)
+    assert metrics["loss"].shape == (3,) and int(state["step"]) == 3
+    np.testing.assert_allclose(metrics["loss"], losses, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), jax.device_get(state["params"]),
+                 expected)
 
 
 def test_params_and_opt_state_are_created_sharded():

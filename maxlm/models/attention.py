@@ -108,8 +108,8 @@ def _pallas_attention(q, k, v, segment_ids, *, causal, sliding_window, scale, ru
 
     kernel = functools.partial(flash_attention, causal=causal, sliding_window=sliding_window or None,
                                scale=scale)
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1:
+    mesh = sharding.partitioned_mesh()
+    if mesh is None or mesh.size == 1:
         return kernel(q, k, v, segment_ids=segment_ids)
     qkv_spec = sharding.logical_to_spec(
         ("activation_batch", "activation_length", "activation_heads", None), rules)

@@ -10,6 +10,7 @@ import os
 import time
 
 import jax
+import numpy as np
 from absl import logging
 
 from maxlm import config as config_lib
@@ -84,7 +85,8 @@ def train(config, workdir: str) -> dict:
     config_lib.validate(config, jax.device_count())
     if config.compile_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compile_cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        # every program, even the ~30 ms eager ones (optimizer init, checkpoint slices): a rerun compiles nothing
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     os.makedirs(workdir, exist_ok=True)
     c = config.checkpoint
     ckpt = Checkpointer(workdir, every_steps=c.every_steps, every_minutes=c.every_minutes,
@@ -168,7 +170,8 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
         else:
             state, start_step = fresh_state(), 0
 
-        train_step = make_train_step(objective, tx, layout, mesh, rules, grad_accum=t.grad_accum)
+        train_step = make_train_step(objective, tx, layout, mesh, rules, grad_accum=t.grad_accum,
+                                     steps_per_call=t.steps_per_call)
         eval_step = make_eval_step(objective, layout, mesh, rules)
         writer = MetricsWriter(workdir, t.steps, start_step, enabled=is_primary)
         tokens_per_step = t.batch_size * t.seq_len * (2 if t.objective in PREFERENCE_OBJECTIVES else 1)
@@ -181,11 +184,14 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
         # The guard reads each step's health one step late, so the host never waits for the device; a step
         # that is about to be checkpointed (or the last, or a preemption stop) is checked before it is saved.
         unchecked: list[tuple[int, dict]] = []
+        stacked = t.steps_per_call > 1
         while step < t.steps:
-            batch = _poison(next(data.train), step, nan_steps)
-            state, metrics = train_step(state, sharding.to_global_batch(batch, mesh, rules), frozen)
-            interval_steps += 1
-            done = step + 1
+            n = min(t.steps_per_call, t.steps - step)
+            batches = [_poison(next(data.train), s, nan_steps) for s in range(step, step + n)]
+            batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]} if stacked else batches[0]
+            state, metrics = train_step(state, sharding.to_global_batch(batch, mesh, rules, stacked), frozen)
+            interval_steps += n
+            done = step + n
             if guard:
                 unchecked.append((done, {k: metrics[k] for k in ("loss", "grad_norm", "loss_scale") if k in metrics}))
                 settle = done == t.steps or ckpt.will_save(done)
@@ -197,13 +203,16 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
                     writer.rewind(step)
                     writer.message(f"divergence at step {bad_step}: {reason}; rolled back to step {step}")
                     continue
-            if done % t.log_every == 0 or done == t.steps:
-                metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            logged = [s for s in range(step + 1, done + 1) if s % t.log_every == 0 or s == t.steps]
+            if logged:
+                per_step = _per_step(jax.device_get(metrics))
                 step_time = (time.perf_counter() - interval_start) / interval_steps
-                metrics.update(step_time_s=step_time, tokens_per_sec=tokens_per_step / step_time,
-                               mfu=(flops / step_time / (peak * jax.device_count())) if peak else None)
-                writer.write(done, metrics)
-                last.update(metrics)
+                for s in logged:
+                    record = {k: float(v[s - step - 1]) for k, v in per_step.items()}
+                    record.update(step_time_s=step_time, tokens_per_sec=tokens_per_step / step_time,
+                                  mfu=(flops / step_time / (peak * jax.device_count())) if peak else None)
+                    writer.write(s, record)
+                    last.update(record)
                 interval_start, interval_steps = time.perf_counter(), 0
             if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
                 val = evaluate(eval_step, state["params"], frozen, data.val_batches(), mesh, rules)
@@ -235,13 +244,23 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
     return last
 
 
-def _first_unhealthy(guard: DivergenceGuard, steps: list[tuple[int, dict]]) -> tuple[int, str] | None:
-    """Feeds ``(step, device metrics)`` to the guard in order; the first step it rejects, with the reason."""
-    for step, health in steps:
-        health = jax.device_get(health)
-        reason = guard.observe(step, health["loss"], health["grad_norm"], health.get("loss_scale"))
-        if reason:
-            return step, reason
+def _per_step(metrics: dict) -> dict[str, np.ndarray]:
+    """Host metrics of one call as 1-D arrays, one entry per step (a call runs ``train.steps_per_call`` steps)."""
+    return {k: np.asarray(v).reshape(-1) for k, v in metrics.items()}
+
+
+def _first_unhealthy(guard: DivergenceGuard, calls: list[tuple[int, dict]]) -> tuple[int, str] | None:
+    """Feeds the steps of ``(last step of a call, device metrics)`` to the guard in order; the first step
+    it rejects, with the reason."""
+    for done, health in calls:
+        health = _per_step(jax.device_get(health))
+        count = len(health["loss"])
+        for i in range(count):
+            step = done - count + 1 + i
+            scale = health["loss_scale"][i] if "loss_scale" in health else None
+            reason = guard.observe(step, health["loss"][i], health["grad_norm"][i], scale)
+            if reason:
+                return step, reason
     return None
 
 
