@@ -162,7 +162,8 @@ def base_config() -> ConfigDict:
 
     # LoRA: train low-rank adapters on a frozen base (init_from, else a random base); 0 = full fine-tuning.
     # quantize_base (QLoRA-style): the frozen targeted weights are stored as int8 with per-channel scales.
-    c.lora = ConfigDict(dict(rank=0, alpha=16.0, targets=r"attn/w[qkvo]|mlp/w_(gate|up|down)", quantize_base=False))
+    c.lora = ConfigDict(dict(rank=0, alpha=16.0, targets=r"attn/w[qkvo]|mlp/w_(gate|up|down)", quantize_base=False,
+                             dropout=0.0))  # dropout: on the input of the adapter branches, in training
 
     c.sample = ConfigDict(dict(prompt="\n", num_tokens=200, temperature=0.8, top_k=0))
     return c
@@ -266,6 +267,8 @@ def validate(config: ConfigDict, num_devices: int) -> None:
                           f"and model.num_kv_heads={kv}")
     if config.lora.rank < 0 or (config.lora.rank and config.lora.alpha <= 0):
         raise ConfigError(f"lora.rank={config.lora.rank} must be >= 0 and lora.alpha > 0")
+    if not 0.0 <= config.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout={config.lora.dropout} must be in [0, 1)")
     if config.lora.quantize_base and not config.lora.rank:
         raise ConfigError("lora.quantize_base stores the frozen LoRA base in int8: it needs lora.rank > 0")
     _validate_preference(config)

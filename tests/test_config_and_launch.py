@@ -60,6 +60,7 @@ def test_evals_and_checkpoints_must_fall_between_calls_of_steps_per_call():
     ("lora.quantize_base", True, "lora.quantize_base stores the frozen LoRA base in int8: it needs lora.rank > 0"),
     ("mesh.cpu_devices", -1, "mesh.cpu_devices=-1 must be >= 0"),
     ("train.steps_per_call", 0, "train.steps_per_call=0 must be positive"),
+    ("lora.dropout", 1.0, "lora.dropout=1.0 must be in"),
 ])
 def test_validation_names_the_key(key, value, needle):
     config = tiny_config()

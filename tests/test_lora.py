@@ -1,5 +1,7 @@
 """LoRA: identity at init, only adapters train, merge == base + A@B, adapter-only checkpoints, memory."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -50,6 +52,54 @@ def test_merge_adds_scaled_a_times_b():
     np.testing.assert_array_equal(merged["embed"], base["embed"])
     batch = random_batch(2, 8, 61)
     assert not np.allclose(_logits(model, merged, batch), _logits(model, base, batch))
+
+
+def test_dropout_masks_only_the_adapter_branch_input():
+    model, base = _model()
+    dropped = lora.LoraConfig(4, 8.0, CFG.targets, dropout=0.5)
+    adapters = lora.init_lora(jax.random.key(1), base, dropped)
+    batch = random_batch(2, 8, 61)
+    # B = 0: the branch adds nothing whatever its mask, so the model is the base model exactly
+    fresh = lora.with_dropout(base, adapters, dropped, jax.random.key(2))
+    np.testing.assert_allclose(_logits(model, fresh, batch), _logits(model, base, batch), rtol=1e-6, atol=1e-6)
+
+    adapters = jax.tree.map(lambda x: x + 0.1, adapters)
+    update = lora.with_dropout(base, adapters, dropped, jax.random.key(2))["blocks"]["mlp"]["w_up"]
+    assert isinstance(update, lora.LowRankUpdate) and update.rng.shape == (2, 2)  # a key per layer
+    layer = jax.tree.map(lambda a: a[1], update)
+    x = jax.random.normal(jax.random.key(3), (2, 8, 32))
+    keep = jax.random.bernoulli(jax.random.wrap_key_data(layer.rng), 0.5, x.shape)
+    expected = x @ layer.base + dropped.scale * (jnp.where(keep, 2 * x, 0) @ layer.a) @ layer.b
+    np.testing.assert_allclose(lora.project("btd,df->btf", x, layer), expected, rtol=1e-5, atol=1e-6)
+    # inverted dropout: over many masks the branch averages to the merged weight's
+    mean = jnp.mean(jnp.stack([lora.project("btd,df->btf", x, dataclasses.replace(
+        layer, rng=jax.random.key_data(jax.random.key(i)))) for i in range(400)]), 0)
+    merged = x @ (layer.base + dropped.scale * layer.a @ layer.b)
+    np.testing.assert_allclose(mean, merged, atol=0.15 * float(jnp.std(merged - x @ layer.base)))
+    assert not np.allclose(lora.project("btd,df->btf", x, layer), merged, atol=1e-3)
+
+
+def test_lora_dropout_trains_with_different_masks_every_step_and_evaluates_merged():
+    config = tiny_config()
+    mesh = sharding.make_mesh(2, 1, 1, devices=jax.devices()[:2])
+    rules = sharding.DEFAULT_RULES
+    model = build_model(ModelConfig.from_config(config.model, 61), rules)
+    tx = make_optimizer(config.train)
+    losses = {}
+    for rate in (0.0, 0.3):
+        layout = state_layout(model, tx, mesh, lora.LoraConfig(4, 8.0, CFG.targets, dropout=rate))
+        with jax.set_mesh(mesh):
+            frozen = init_frozen(model, layout, seed=0)
+            state = init_state(model, tx, layout, seed=0)
+            step = make_train_step(make_objective("pretrain", model, config.train), tx, layout, mesh, rules)
+            batch = sharding.to_global_batch(random_batch(8, 16, 61), mesh, rules)
+            losses[rate] = []
+            for _ in range(3):  # the same batch: only the masks differ between steps
+                state, metrics = step(state, batch, frozen)
+                losses[rate].append(float(metrics["loss"]))
+            assert layout.model_params(state["params"], frozen)["blocks"]["attn"]["wq"].shape == (2, 32, 4, 8)
+    assert losses[0.3][0] == pytest.approx(losses[0.0][0], rel=1e-5)  # B = 0 at step 0: dropout changes nothing
+    assert losses[0.3][1:] != pytest.approx(losses[0.0][1:], rel=1e-4)
 
 
 def test_bad_targets_are_errors():

@@ -3,6 +3,10 @@
 The base params stay frozen (an argument of the jitted step, never in the optimizer); only the
 adapters ``{path: {'a', 'b'}}`` are trained and checkpointed. ``B`` starts at zero, so step 0 is the
 base model exactly. Adapters carry the logical axes of the weight they adapt, so they shard like it.
+
+Without dropout the adapters are folded into the weights (``merge``). With ``dropout`` > 0, training
+runs each targeted weight as a ``LowRankUpdate``, ``x·W + scale · dropout(x)·A·B``, as in the LoRA
+paper: the dropout masks the adapter branch's input only.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ class LoraConfig:
     alpha: float
     targets: str  # regex over "/"-joined parameter paths, e.g. "attn/w[qkvo]|mlp/w_(gate|up|down)"
     quantize_base: bool = False  # QLoRA-style: the frozen targeted weights stored as int8 (see quantize_int8)
+    dropout: float = 0.0  # on the adapter branch's input, in training
 
     @property
     def scale(self) -> float:
@@ -98,6 +103,69 @@ def merge(params: Params, adapters: Params, cfg: LoraConfig) -> Params:
         key = _path(path)
         return w + delta(key, adapters[key], w.shape, cfg.scale).astype(w.dtype) if key in adapters else w
     return jax.tree_util.tree_map_with_path(fold, params)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LowRankUpdate:
+    """A frozen weight and its adapter kept apart, so the adapter branch can have dropout.
+
+    The model reads it like a weight (``param[...]``, ``.astype``) and contracts it with
+    ``project``. ``rng`` is raw key data with the weight's leading ``layers`` axis, so slicing a
+    layer out of the stacked blocks gives each layer its own mask.
+    """
+
+    base: jax.Array
+    a: jax.Array  # [*input axes, rank]
+    b: jax.Array  # [rank, *output axes]
+    rng: jax.Array
+    scale: float = dataclasses.field(metadata=dict(static=True))
+    rate: float = dataclasses.field(metadata=dict(static=True))
+
+    def __getitem__(self, index):
+        if index is not Ellipsis:
+            raise TypeError("a LowRankUpdate is read whole, as param[...]")
+        return self
+
+    def astype(self, dtype) -> "LowRankUpdate":
+        return dataclasses.replace(self, base=self.base.astype(dtype), a=self.a.astype(dtype), b=self.b.astype(dtype))
+
+    def project(self, equation: str, x: jax.Array, **einsum_kwargs) -> jax.Array:
+        """``einsum(equation, x, W) + scale · einsum(equation, dropout(x), A·B)``, without forming A·B."""
+        inputs, out = equation.split("->")
+        x_axes, w_axes = inputs.split(",")
+        contracted = "".join(c for c in w_axes if c in x_axes)
+        kept = "".join(c for c in w_axes if c not in x_axes)
+        rows = "".join(c for c in x_axes if c not in w_axes)
+        keep = jax.random.bernoulli(jax.random.wrap_key_data(self.rng), 1.0 - self.rate, x.shape)
+        dropped = jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+        hidden = jnp.einsum(f"{x_axes},{contracted}z->{rows}z", dropped, self.a)
+        low_rank = jnp.einsum(f"{rows}z,z{kept}->{out}", hidden, self.b, **einsum_kwargs)
+        return jnp.einsum(equation, x, self.base, **einsum_kwargs) + self.scale * low_rank
+
+
+def project(equation: str, x: jax.Array, w, **einsum_kwargs) -> jax.Array:
+    """``einsum(equation, x, w)`` for a weight (an array or a ``LowRankUpdate``), ``x`` first."""
+    if isinstance(w, LowRankUpdate):
+        return w.project(equation, x, **einsum_kwargs)
+    return jnp.einsum(equation, x, w, **einsum_kwargs)
+
+
+def with_dropout(params: Params, adapters: Params, cfg: LoraConfig, rng: jax.Array) -> Params:
+    """The base params with every adapted weight as a ``LowRankUpdate`` (each with its own dropout keys)."""
+    order = {path: i for i, path in enumerate(sorted(adapters))}
+
+    def attach(path, w):
+        key = _path(path)
+        if key not in adapters:
+            return w
+        start, _ = _split(key, w.shape)
+        lead = w.shape[:start]
+        keys = jax.random.split(jax.random.fold_in(rng, order[key]), math.prod(lead))
+        return LowRankUpdate(w, adapters[key]["a"], adapters[key]["b"],
+                             jax.random.key_data(keys).reshape(*lead, -1), cfg.scale, cfg.dropout)
+
+    return jax.tree_util.tree_map_with_path(attach, params)
 
 
 def _is_quantized(x) -> bool:

@@ -17,6 +17,7 @@ from flax import nnx
 
 from maxlm import sharding
 from maxlm.models.attention import attention, attention_mask, xla_attention
+from maxlm.models.lora import project
 from maxlm.models.norm import normalize
 from maxlm.sharding import Rules
 
@@ -180,9 +181,9 @@ class Attention(nnx.Module):
 
     def _qkv(self, x, positions):
         cfg, dt = self.cfg, self.cfg.dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+        q = project("btd,dhk->bthk", x, self.wq[...].astype(dt))
+        k = project("btd,dhk->bthk", x, self.wk[...].astype(dt))
+        v = project("btd,dhk->bthk", x, self.wv[...].astype(dt))
         if cfg.use_bias or cfg.qkv_bias:
             q, k, v = q + self.bq[...].astype(dt), k + self.bk[...].astype(dt), v + self.bv[...].astype(dt)
         if cfg.position == "rope":
@@ -192,7 +193,7 @@ class Attention(nnx.Module):
 
     def _out(self, out):
         dt = self.cfg.dtype
-        out = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dt))
+        out = project("bthk,hkd->btd", out, self.wo[...].astype(dt))
         return out + self.bo[...].astype(dt) if self.cfg.use_bias else out
 
     def __call__(self, x, positions, segment_ids):
@@ -239,17 +240,17 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         cfg, dt = self.cfg, self.cfg.dtype
-        h = x @ self.w_up[...].astype(dt)
+        h = project("btd,df->btf", x, self.w_up[...].astype(dt))
         if cfg.use_bias:
             h = h + self.b_up[...].astype(dt)
         if cfg.mlp == "swiglu":
-            h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * h
+            h = jax.nn.silu(project("btd,df->btf", x, self.w_gate[...].astype(dt))) * h
         elif cfg.mlp == "gelu":
             h = jax.nn.gelu(h, approximate=True)
         else:
             h = jax.nn.relu(h)
         h = sharding.constrain(h, ("activation_batch", "activation_length", "activation_mlp"), self.rules)
-        out = h @ self.w_down[...].astype(dt)
+        out = project("btf,fd->btd", h, self.w_down[...].astype(dt))
         return out + self.b_down[...].astype(dt) if cfg.use_bias else out
 
 
@@ -343,7 +344,7 @@ class Transformer(nnx.Module):
         if cfg.projects_embeddings:
             x = x @ self.w_proj_out[...].astype(dt)
         head = self.embed[...].T if cfg.tie_embeddings else self.lm_head[...]
-        return jnp.einsum("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
+        return project("btd,dv->btv", x, head.astype(dt), preferred_element_type=jnp.float32)
 
     def decode(self, tokens, positions, valid, cache, index):
         """Runs a chunk ``tokens [batch, t]`` against a KV cache (see ``init_cache``).

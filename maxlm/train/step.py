@@ -29,6 +29,7 @@ from maxlm.train.objectives import Objective, loss_normalizer
 from maxlm.train.optimizer import current_lr
 
 TrainState = dict[str, Any]
+_LORA_DROPOUT_STREAM = 0x10A  # folded into the step's dropout key for the LoRA branches' masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +60,14 @@ class StateLayout:
         """The frozen params as a model runs them (the DPO reference; the LoRA base with adapters off)."""
         return lora_lib.dequantize(frozen) if self.quantized and frozen is not None else frozen
 
-    def model_params(self, trainable, frozen):
-        """What the model runs with: the trained params, or the frozen base with the adapters folded in."""
-        return lora_lib.merge(self.reference_params(frozen), trainable, self.lora) if self.lora else trainable
+    def model_params(self, trainable, frozen, lora_rng=None):
+        """What the model runs with: the trained params, or the frozen base with the adapters folded in
+        (kept apart, with dropout on their input, given ``lora_rng`` and ``lora.dropout`` > 0)."""
+        if not self.lora:
+            return trainable
+        if self.lora.dropout and lora_rng is not None:
+            return lora_lib.with_dropout(self.reference_params(frozen), trainable, self.lora, lora_rng)
+        return lora_lib.merge(self.reference_params(frozen), trainable, self.lora)
 
 
 def state_layout(model: Model, tx: optax.GradientTransformation, mesh: Mesh,
@@ -168,7 +174,8 @@ def make_train_step(objective: Objective, tx: optax.GradientTransformation, layo
         """Summed loss gradients and ``*_sum`` metrics of ``batch`` (all of it, or one shard's rows)."""
 
         def scaled_objective(params, batch, rng):
-            loss, metrics = objective(layout.model_params(params, frozen), batch, rng, layout.reference_params(frozen))
+            model_params = layout.model_params(params, frozen, jax.random.fold_in(rng, _LORA_DROPOUT_STREAM))
+            loss, metrics = objective(model_params, batch, rng, layout.reference_params(frozen))
             return (loss if scale is None else loss_scale.scale_loss(loss, scale)), metrics
 
         grad_fn = jax.value_and_grad(scaled_objective, has_aux=True)
