@@ -85,6 +85,8 @@ def base_config() -> ConfigDict:
     c.data = ConfigDict(dict(
         source="builtin:tinyshakespeare",
         tokenizer="char",  # char: a sentencepiece char model trained on the source; or a .model path
+        tokenizer_text="",  # what a char tokenizer is trained on (a source spec); "": the source's text. Give
+        # stages that share a model (pretrain, then SFT from init_from) the same one, so they share a vocabulary
         val_fraction=0.1,
         on_bad_record="error",  # error | skip
         cache_dir="",  # tokenizer cache; "": WORKDIR/cache

@@ -7,14 +7,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from maxlm.config import validate
 from maxlm.data import sft
 from maxlm.data.pipeline import packed_dataset
 from maxlm.data.tokenizer import get_or_train_default_tokenizer
 from maxlm.models import build_model
 from maxlm.models.transformer import ModelConfig
+from maxlm.train.data import get_tokenizer
 from maxlm.train.loop import train
 from maxlm.train.objectives import next_token_objective
-from tests.helpers import tiny_config
+from tests.helpers import preset_config, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +91,32 @@ def test_sft_run_on_hh_dialogues_lowers_the_val_loss(tmp_path):
     train(config, str(tmp_path))
     val = [json.loads(l)["val_loss"] for l in open(tmp_path / "metrics.jsonl") if "val_loss" in l]
     assert len(val) == 2 and val[1] < val[0]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "sft_lora"])
+def test_the_chat_demo_config_validates_at_every_stage(stage):
+    config = preset_config("chat_hh", stage)
+    validate(config, num_devices=2)
+    assert config.data.tokenizer_text == "builtin:tinyshakespeare"
+
+
+def test_pretrain_then_sft_from_init_from_share_the_tokenizer_text(tmp_path):
+    """The demo chain in miniature: SFT on HH from a Shakespeare model, one char vocabulary for both."""
+    pre = tiny_config()
+    pre.data.tokenizer_text = "builtin:tinyshakespeare"
+    pre.train.update(steps=2, seq_len=64)
+    pre.model.max_seq_len = 64
+    pre.checkpoint.update(every_steps=2, async_save=False)
+    train(pre, str(tmp_path / "pretrain"))
+    sft_config = tiny_config()
+    sft_config.init_from = str(tmp_path / "pretrain")
+    sft_config.model.max_seq_len = 64
+    sft_config.data.update(source="builtin:hh_rlhf_harmless_test", tokenizer_text="builtin:tinyshakespeare",
+                           truncate=True)
+    sft_config.train.update(objective="sft", steps=2, seq_len=64)
+    train(sft_config, str(tmp_path / "sft"))
+    saved = [json.loads(open(tmp_path / run / "config.json").read())["model"]["vocab_size"] for run in ("pretrain", "sft")]
+    assert saved[0] == saved[1] == get_or_train_default_tokenizer(str(tmp_path / "tok")).vocab_size
+    assert get_tokenizer(sft_config, str(tmp_path / "sft")).vocab_size == saved[0]
+    sft_config.data.tokenizer_text = ""  # the default for HH SFT: the dialogues' own characters, another vocabulary
+    assert get_tokenizer(sft_config, str(tmp_path / "other")).vocab_size != saved[0]

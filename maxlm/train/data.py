@@ -33,9 +33,11 @@ def cache_dir(config, workdir: str) -> str:
 
 
 def tokenizer_text(config) -> str:
-    """The text a ``char`` tokenizer is trained on: the dialogue field for HH SFT, ``chosen`` for preference
-    pairs, else the whole ``data.source``."""
+    """The text a ``char`` tokenizer is trained on: ``data.tokenizer_text`` if given, else the dialogue field
+    for HH SFT, ``chosen`` for preference pairs, or the whole ``data.source``."""
     d, objective = config.data, config.train.objective
+    if d.tokenizer_text:
+        return d.tokenizer_text
     source = d.source.partition("#")[0]
     if objective in ("dpo", "reward"):
         return f"{source}#chosen"
