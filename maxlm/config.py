@@ -93,7 +93,7 @@ def base_config() -> ConfigDict:
         # SFT (train.objective=sft): records in data.source rendered with a chat template.
         sft_format="hh",  # hh | chat | instruction
         sft_field="chosen",  # the dialogue field of hh records
-        chat_template="hh",  # hh | chatml
+        chat_template="hh",  # hh | chatml | hf (SFT: the template of the HF tokenizer directory in data.tokenizer)
         train_on_prompt=False,  # also put loss on the user/system turns
         truncate=False,  # cut examples longer than seq_len+1 (logged) instead of an error
         # Preference pairs (train.objective=dpo|reward), rendered with data.chat_template.
@@ -185,7 +185,7 @@ _CHOICES = {
     "train.dpo.loss": ("sigmoid", "ipo", "hinge"),
     "data.preference_format": ("hh", "pairs"),
     "data.sft_format": ("hh", "chat", "instruction"),
-    "data.chat_template": ("hh", "chatml"),
+    "data.chat_template": ("hh", "chatml", "hf"),
     "train.schedule": ("cosine", "linear", "constant"),
     "data.on_bad_record": ("error", "skip"),
 }
@@ -249,6 +249,10 @@ def validate(config: ConfigDict, num_devices: int) -> None:
                               "(evals and checkpoints happen between calls)")
     if not config.data.tokenizer:
         raise ConfigError("data.tokenizer is empty: give 'char' or the path of a sentencepiece .model")
+    if config.data.chat_template == "hf" and not (t.objective == "sft" and os.path.isdir(config.data.tokenizer)):
+        raise ConfigError("data.chat_template=hf renders SFT dialogues with the chat template of a Hugging Face "
+                          f"tokenizer directory: it needs train.objective=sft and data.tokenizer (or init_from_hf) "
+                          f"naming that directory (data.tokenizer={config.data.tokenizer!r})")
     if not 0.0 < config.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction={config.data.val_fraction} must be in (0, 1)")
     if config.init_from and config.init_from_hf:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from maxlm.data.hf_chat import HFChatTemplate
 from maxlm.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -72,11 +73,13 @@ def to_messages(record: Mapping[str, Any], sft_format: str, field: str = "chosen
     raise ValueError(f"data.sft_format={sft_format!r} is not one of hh, chat, instruction")
 
 
-def tokenize_dialogue(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer, template: ChatTemplate, *,
-                      train_on_prompt: bool = False) -> dict[str, np.ndarray]:
+def tokenize_dialogue(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer,
+                      template: ChatTemplate | HFChatTemplate, *, train_on_prompt: bool = False) -> dict[str, np.ndarray]:
     """``{'tokens', 'loss_mask'}`` where ``loss_mask[j]`` = 1 if token j is a target the loss counts."""
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("a dialogue without an assistant turn has nothing to learn from")
+    if isinstance(template, HFChatTemplate):
+        return template.tokenize(messages, tokenizer, train_on_prompt=train_on_prompt)
     tokens: list[int] = [tokenizer.bos_id] if template.add_bos and tokenizer.bos_id >= 0 else []
     mask: list[float] = [0.0] * len(tokens)
 

@@ -13,6 +13,7 @@ import numpy as np
 from absl import logging
 
 from maxlm.data import pipeline, preference, sft
+from maxlm.data.hf_chat import HFChatTemplate
 from maxlm.data.sources import BUILTIN_CORPORA, asset_path, load_jsonl, make_source
 from maxlm.data.tokenizer import Tokenizer, get_or_train_default_tokenizer, load_tokenizer, train_tokenizer
 
@@ -132,8 +133,10 @@ def sft_data(config, workdir: str) -> TrainData:
     return TrainData(tokenizer, train, val_batches)
 
 
-def _chat_template(d) -> sft.ChatTemplate:
-    """``data.chat_template``'s template (SFT and preference data)."""
+def _chat_template(d) -> sft.ChatTemplate | HFChatTemplate:
+    """``data.chat_template``'s template (SFT and preference data; ``hf``: the tokenizer directory's own)."""
+    if d.chat_template == "hf":
+        return HFChatTemplate(d.tokenizer)
     if d.chat_template not in sft.TEMPLATES:
         raise ValueError(f"data.chat_template={d.chat_template!r} is not one of {sorted(sft.TEMPLATES)}")
     return sft.TEMPLATES[d.chat_template]

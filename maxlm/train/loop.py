@@ -102,6 +102,10 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
     t = config.train
 
     data = train_data.make_data(config, workdir)
+    if next(iter(data.val_batches()), None) is None:
+        raise config_lib.ConfigError(
+            f"the validation split (data.val_fraction={config.data.val_fraction}) does not fill one batch of "
+            f"train.batch_size={t.batch_size} rows: raise data.val_fraction or lower train.batch_size")
     if config.model.vocab_size and config.model.vocab_size < data.tokenizer.vocab_size:
         raise config_lib.ConfigError(f"model.vocab_size={config.model.vocab_size} but the tokenizer "
                                      f"{data.tokenizer.path} has {data.tokenizer.vocab_size} pieces "
