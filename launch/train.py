@@ -6,12 +6,14 @@ Exit codes: 0 done, 2 bad config or input, 42 preempted (checkpoint saved), 43 g
 
 import sys
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from maxlm.checkpoint import CheckpointMismatchError
 from maxlm.config import ConfigError, parse_flags_or_exit
 from maxlm.data.sources import BadRecordError
+from maxlm.distributed import process_label
 from maxlm.train.guard import DIVERGED_EXIT_CODE, DivergenceError
 from maxlm.train.loop import train
 from maxlm.train.metrics import quiet_library_logs
@@ -29,11 +31,15 @@ def main(argv):
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except (ConfigError, CheckpointMismatchError, BadRecordError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {process_label()}{e}", file=sys.stderr)
         sys.exit(2)
     except DivergenceError as e:
-        logging.error("%s", e)
+        logging.error("%s%s", process_label(), e)
         sys.exit(DIVERGED_EXIT_CODE)
+    except Exception:
+        if jax.process_count() > 1:  # which host failed, in the logs every process writes to
+            logging.exception("%sfailed", process_label())
+        raise
 
 
 if __name__ == "__main__":

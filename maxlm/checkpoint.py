@@ -178,7 +178,14 @@ class Checkpointer:
                 f"checkpoint {where} has no data iterator state, but a data iterator was given"
             )
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
+        saved_processes = _saved_process_count(where / "data")
+        if data_iterator is not None and saved_processes not in (None, jax.process_count()):
+            logging.warning("checkpoint %s was saved by %d processes and this run has %d: the data iterators start "
+                            "afresh, so the data order differs from an uninterrupted run", where, saved_processes,
+                            jax.process_count())
+            self._event("data_order_changed", step=step, saved_processes=saved_processes,
+                        processes=jax.process_count())
+        elif data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self._mgr.restore(step, args=ocp.args.Composite(**items))["state"]
 
@@ -324,3 +331,11 @@ def _item_handlers() -> dict[str, Any]:
         "data": grain.checkpoint.CheckpointHandler(),
         "config": ocp.JsonCheckpointHandler(),
     }
+
+
+def _saved_process_count(data_dir: Path) -> int | None:
+    """How many processes saved the data iterator states in ``data_dir`` (grain writes
+    ``process_I-of-N.json`` per process), or None if there are none."""
+    for path in data_dir.glob("process_*-of-*.json"):
+        return int(path.stem.rsplit("-of-", 1)[1])
+    return None

@@ -80,7 +80,13 @@ def base_config() -> ConfigDict:
 
     # cpu_devices (CPU backend only): split the host into this many JAX devices, set before JAX starts.
     # One device per core with data parallelism beats XLA:CPU's own threading for small models.
-    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules=DEFAULT_RULES, cpu_devices=0))
+    c.mesh = ConfigDict(dict(data=1, fsdp=-1, tensor=1, rules=DEFAULT_RULES, cpu_devices=0,
+                             # hybrid mesh across slices / nodes: how many of each axis's devices sit in different
+                             # slices (TPU) or processes (GPU, CPU); each must divide its axis
+                             dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+    # Multi-process runs (maxlm/distributed.py): "" = the cluster's environment (SLURM, Cloud TPU pod, Open MPI) or
+    # a single process; else the coordinator's host:port, with num_processes and this process's process_id.
+    c.distributed = ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1, cpu_collectives="gloo"))
 
     c.data = ConfigDict(dict(
         source="builtin:tinyshakespeare",
@@ -198,6 +204,18 @@ def _get(config: ConfigDict, key: str):
     return node
 
 
+def check_distributed(config: ConfigDict) -> None:
+    """The ``distributed`` section, checked before JAX starts (it connects the processes)."""
+    d = config.distributed
+    if d.coordinator_address and not (d.num_processes > 0 and 0 <= d.process_id < d.num_processes):
+        raise ConfigError(f"distributed.coordinator_address={d.coordinator_address!r} needs distributed.num_processes "
+                          f"> 0 and 0 <= distributed.process_id < num_processes (got {d.num_processes}, {d.process_id})")
+    if not d.coordinator_address and (d.num_processes or d.process_id != -1):
+        raise ConfigError("distributed.num_processes / process_id need distributed.coordinator_address")
+    if d.cpu_collectives not in ("gloo", "mpi"):
+        raise ConfigError(f"distributed.cpu_collectives={d.cpu_collectives!r} is not one of gloo, mpi")
+
+
 def validate(config: ConfigDict, num_devices: int) -> None:
     """Checks choices, positivity and cross-field constraints. Raises ConfigError."""
     for key, choices in _CHOICES.items():
@@ -264,6 +282,10 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     data, fsdp, tensor = shape
+    for name, size in zip(("data", "fsdp", "tensor"), shape):
+        dcn = config.mesh[f"dcn_{name}"]
+        if dcn < 1 or size % dcn:
+            raise ConfigError(f"mesh.dcn_{name}={dcn} must be >= 1 and divide mesh.{name}={size}")
     micro = t.batch_size // t.grad_accum
     if micro % (data * fsdp):
         raise ConfigError(f"train.batch_size/train.grad_accum={micro} is not divisible by the "

@@ -78,12 +78,24 @@ def use_cpu_devices(count: int) -> None:
                              "set it before anything touches jax.devices()") from None
 
 
-def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh in Auto mode, so XLA propagates the shardings."""
+def make_mesh(data: int, fsdp: int, tensor: int, devices: Sequence[jax.Device] | None = None,
+              dcn: tuple[int, int, int] = (1, 1, 1)) -> Mesh:
+    """A (data, fsdp, tensor) mesh in Auto mode, so XLA propagates the shardings.
+
+    ``dcn``: how many of each axis's devices are in different slices (TPU) or processes (GPU, CPU), the
+    slow network between them; the rest of each axis stays inside a slice or host (a hybrid mesh).
+    """
     devices = list(devices if devices is not None else jax.devices())
     shape = resolve_mesh_shape(data, fsdp, tensor, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * 3
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    if dcn == (1, 1, 1):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+    from jax.experimental import mesh_utils
+
+    inner = tuple(size // d for size, d in zip(shape, dcn))
+    grid = mesh_utils.create_hybrid_device_mesh(inner, dcn, devices,
+                                                process_is_granule=devices[0].platform != "tpu")
+    return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def logical_to_spec(names: Sequence[str | None] | None, rules: Rules) -> P:

@@ -12,14 +12,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 from absl import logging
 
 EVENTS_FILE = "events.jsonl"
 
 
 def log_event(workdir: str | os.PathLike, event: str, **fields: Any) -> dict[str, Any]:
-    """Appends `{'time', 'event', **fields}` to WORKDIR/events.jsonl (fsynced) and logs it."""
+    """Appends `{'time', 'event', **fields}` to WORKDIR/events.jsonl (fsynced) and logs it; in a
+    multi-process run only process 0 writes."""
     record = {"time": time.time(), "event": event, **fields}
+    if jax.process_index() != 0:
+        return record
     line = json.dumps(record, default=str)
     path = Path(workdir) / EVENTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)

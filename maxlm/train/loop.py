@@ -14,7 +14,7 @@ import numpy as np
 from absl import logging
 
 from maxlm import config as config_lib
-from maxlm import sharding
+from maxlm import distributed, sharding
 from maxlm.checkpoint import Checkpointer, load_params
 from maxlm.models import build_model
 from maxlm.models.lora import LoraConfig
@@ -80,6 +80,8 @@ def train(config, workdir: str) -> dict:
         sharding.use_cpu_devices(config.mesh.cpu_devices)
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
+    config_lib.check_distributed(config)
+    distributed.initialize(config.distributed)
     if config.init_from_hf:
         _use_hf_model(config)
     config_lib.validate(config, jax.device_count())
@@ -98,7 +100,8 @@ def train(config, workdir: str) -> dict:
 def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher) -> dict:
     is_primary = jax.process_index() == 0
     rules = tuple(tuple(r) for r in config.mesh.rules)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    m = config.mesh
+    mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, dcn=(m.dcn_data, m.dcn_fsdp, m.dcn_tensor))
     t = config.train
 
     data = train_data.make_data(config, workdir)
@@ -241,7 +244,8 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
                                seed=config.seed, window=t.seq_len)
             with open(os.path.join(workdir, "sample.txt"), "w") as f:
                 f.write(text)
-            writer.message(f"--- sample ---\n{text}\n--------------")
+            shown = config.sample.prompt.lstrip("\n") + text  # the prompt too: a chat prompt shows the turns
+            writer.message(f"--- sample ---\n{shown}\n--------------")
         ckpt.wait()
         ckpt.close()
         writer.close()
