@@ -1,1 +1,0 @@
-"""Data selection: LESS (``less.py``, the pipeline; ``features.py``, per-example LoRA gradient features)."""
