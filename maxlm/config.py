@@ -129,7 +129,7 @@ def base_config() -> ConfigDict:
         z_loss=0.0,
         log_every=10,
         eval_every=500,  # 0: only at the end
-        eval_batches=20,
+        eval_batches=20,  # 0: no evaluation (then data.val_fraction may be 0: every record trains)
         # DPO (train.objective=dpo): the reference is init_from (a frozen copy), or under LoRA the base
         # with the adapters off.
         dpo=ConfigDict(dict(
@@ -223,8 +223,7 @@ def validate(config: ConfigDict, num_devices: int) -> None:
             raise ConfigError(f"{key}={_get(config, key)!r} is not one of {', '.join(choices)}")
     m, t = config.model, config.train
     for key in ("model.d_model", "model.num_layers", "model.num_heads", "train.steps",
-                "train.batch_size", "train.seq_len", "train.grad_accum", "train.steps_per_call", "train.log_every",
-                "train.eval_batches"):
+                "train.batch_size", "train.seq_len", "train.grad_accum", "train.steps_per_call", "train.log_every"):
         if _get(config, key) <= 0:
             raise ConfigError(f"{key}={_get(config, key)} must be positive")
     if m.num_kv_heads < 0 or m.head_dim < 0 or m.d_ff < 0 or m.vocab_size < 0:
@@ -271,8 +270,11 @@ def validate(config: ConfigDict, num_devices: int) -> None:
         raise ConfigError("data.chat_template=hf renders SFT dialogues with the chat template of a Hugging Face "
                           f"tokenizer directory: it needs train.objective=sft and data.tokenizer (or init_from_hf) "
                           f"naming that directory (data.tokenizer={config.data.tokenizer!r})")
-    if not 0.0 < config.data.val_fraction < 1.0:
-        raise ConfigError(f"data.val_fraction={config.data.val_fraction} must be in (0, 1)")
+    if t.eval_batches < 0:
+        raise ConfigError(f"train.eval_batches={t.eval_batches} must be >= 0 (0: no evaluation)")
+    if not 0.0 <= config.data.val_fraction < 1.0 or (config.data.val_fraction == 0 and t.eval_batches):
+        raise ConfigError(f"data.val_fraction={config.data.val_fraction} must be in (0, 1), or 0 with "
+                          "train.eval_batches=0 (no evaluation)")
     if config.init_from and config.init_from_hf:
         raise ConfigError("set init_from (a maxlm checkpoint) or init_from_hf (a Hugging Face directory), not both")
     if config.mesh.cpu_devices < 0:

@@ -62,6 +62,8 @@ def test_evals_and_checkpoints_must_fall_between_calls_of_steps_per_call():
     ("train.steps_per_call", 0, "train.steps_per_call=0 must be positive"),
     ("lora.dropout", 1.0, "lora.dropout=1.0 must be in"),
     ("mesh.dcn_fsdp", 3, "mesh.dcn_fsdp=3 must be >= 1 and divide mesh.fsdp=8"),
+    ("train.eval_batches", -1, "train.eval_batches=-1 must be >= 0"),
+    ("data.val_fraction", 0.0, "data.val_fraction=0.0 must be in"),
 ])
 def test_validation_names_the_key(key, value, needle):
     config = tiny_config()

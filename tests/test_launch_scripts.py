@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from maxlm.config import base_config
+from maxlm.select.less import select_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = ["launch/tpu_pod.sh", "launch/slurm.sbatch", "launch/multi_gpu.sh"]
@@ -37,7 +38,7 @@ def test_scripts_pass_shellcheck():
 
 
 def test_documented_commands_name_real_flags_configs_and_scripts():
-    keys = _config_keys(base_config())
+    keys = _config_keys(base_config()) | _config_keys(select_config())  # launch/train.py, launch/select_data.py
     texts = {name: (REPO / name).read_text() for name in [*SCRIPTS, "README.md"]}
     for name, text in texts.items():
         for key in re.findall(r"--config\.([a-z_][a-z0-9_.]*)=", text):  # KEY=VALUE, a.b=value: placeholders

@@ -120,3 +120,14 @@ def test_pretrain_then_sft_from_init_from_share_the_tokenizer_text(tmp_path):
     assert get_tokenizer(sft_config, str(tmp_path / "sft")).vocab_size == saved[0]
     sft_config.data.tokenizer_text = ""  # the default for HH SFT: the dialogues' own characters, another vocabulary
     assert get_tokenizer(sft_config, str(tmp_path / "other")).vocab_size != saved[0]
+
+
+def test_eval_batches_0_trains_on_every_record_and_never_evaluates(tmp_path):
+    config = tiny_config()
+    config.train.update(objective="sft", steps=3, seq_len=128, batch_size=8, eval_batches=0, eval_every=1)
+    config.model.max_seq_len = 128
+    config.data.update(source="builtin:hh_rlhf_harmless_test", truncate=True, val_fraction=0.0)
+    last = train(config, str(tmp_path))
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [1, 2, 3] and not any("val_loss" in r for r in lines)
+    assert np.isfinite(last["loss"]) and "val_loss" not in last

@@ -117,7 +117,7 @@ def sft_data(config, workdir: str) -> TrainData:
     """
     d, t = config.data, config.train
     required = {"hh": (d.sft_field,), "instruction": ("instruction", "output"), "chat": ()}[d.sft_format]
-    template = _chat_template(d)
+    template = chat_template(d)
     records = read_records(d.source, d.on_bad_record, required)
     tokenizer = get_tokenizer(config, workdir)
     examples = [sft.tokenize_dialogue(sft.to_messages(r, d.sft_format, d.sft_field), tokenizer, template,
@@ -133,7 +133,7 @@ def sft_data(config, workdir: str) -> TrainData:
     return TrainData(tokenizer, train, val_batches)
 
 
-def _chat_template(d) -> sft.ChatTemplate | HFChatTemplate:
+def chat_template(d) -> sft.ChatTemplate | HFChatTemplate:
     """``data.chat_template``'s template (SFT and preference data; ``hf``: the tokenizer directory's own)."""
     if d.chat_template == "hf":
         return HFChatTemplate(d.tokenizer)
@@ -143,7 +143,10 @@ def _chat_template(d) -> sft.ChatTemplate | HFChatTemplate:
 
 
 def _split_point(count: int, val_fraction: float) -> int:
+    """How many of ``count`` records train; the rest are held out (none with ``val_fraction=0``)."""
     cut = round(count * (1.0 - val_fraction))
+    if val_fraction == 0:
+        return count
     if cut in (0, count):
         raise ValueError(f"data.val_fraction={val_fraction} leaves no train or no val records of {count}")
     return cut
@@ -154,7 +157,7 @@ def preference_data(config, workdir: str) -> TrainData:
     per ``[2, seq_len]`` row pair; the last ``data.val_fraction`` of the records are held out."""
     d, t = config.data, config.train
     strings = ("chosen", "rejected") if d.preference_format == "hh" else ()  # pairs may hold message lists
-    template = _chat_template(d)
+    template = chat_template(d)
     records = read_records(d.source, d.on_bad_record, strings)
     tokenizer = get_tokenizer(config, workdir)
     pairs, skipped = preference.records_to_pairs(

@@ -105,7 +105,7 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
     t = config.train
 
     data = train_data.make_data(config, workdir)
-    if next(iter(data.val_batches()), None) is None:
+    if t.eval_batches and next(iter(data.val_batches()), None) is None:
         raise config_lib.ConfigError(
             f"the validation split (data.val_fraction={config.data.val_fraction}) does not fill one batch of "
             f"train.batch_size={t.batch_size} rows: raise data.val_fraction or lower train.batch_size")
@@ -221,7 +221,7 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
                     writer.write(s, record)
                     last.update(record)
                 interval_start, interval_steps = time.perf_counter(), 0
-            if (t.eval_every and done % t.eval_every == 0) or done == t.steps:
+            if t.eval_batches and ((t.eval_every and done % t.eval_every == 0) or done == t.steps):
                 val = evaluate(eval_step, state["params"], frozen, data.val_batches(), mesh, rules)
                 writer.write(done, val)
                 last.update(val)
