@@ -16,6 +16,7 @@ from maxlm.data import pipeline, preference, sft
 from maxlm.data.hf_chat import HFChatTemplate
 from maxlm.data.sources import BUILTIN_CORPORA, asset_path, load_jsonl, make_source
 from maxlm.data.tokenizer import Tokenizer, get_or_train_default_tokenizer, load_tokenizer, train_tokenizer
+from maxlm.train.objectives import PREFERENCE_OBJECTIVES
 
 DEFAULT_SOURCE = "builtin:tinyshakespeare"
 
@@ -40,7 +41,7 @@ def tokenizer_text(config) -> str:
     if d.tokenizer_text:
         return d.tokenizer_text
     source = d.source.partition("#")[0]
-    if objective in ("dpo", "reward"):
+    if objective in PREFERENCE_OBJECTIVES:
         return f"{source}#chosen"
     if objective == "sft" and d.sft_format == "hh":
         return f"{source}#{d.sft_field}"
@@ -74,7 +75,7 @@ def make_data(config, workdir: str) -> TrainData:
     """The data of ``train.objective``: token windows for ``pretrain``, packed dialogues for ``sft``,
     preference pairs for ``dpo`` and ``reward``."""
     objective = config.train.objective
-    if objective in ("dpo", "reward"):
+    if objective in PREFERENCE_OBJECTIVES:
         return preference_data(config, workdir)
     return sft_data(config, workdir) if objective == "sft" else pretrain_data(config, workdir)
 
