@@ -9,6 +9,8 @@ tokens/s can be compared like for like:
 * AdamW(1e-3, betas (0.9, 0.99), eps 1e-8, wd 0.1 on 2D weights only), 100 warmup
   steps then cosine decay to 1e-4, grad clip 1.0, batch 12, 2000 steps.
 * 90/10 train/val split of the char stream, uniformly sampled random windows.
+* At the end, like maxlm's job: 100 val batches, a final checkpoint (model + optimizer) and a 200-character sample
+  (temperature 0.8, a sliding 64-character window).
 
 Usage::
 
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,13 +83,27 @@ class GPT(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Return the mean next-token cross-entropy."""
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
         for block in self.blocks:
             x = block(x)
-        logits = self.ln_f(x) @ self.tok.weight.T
+        return self.ln_f(x) @ self.tok.weight.T
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Return the mean next-token cross-entropy."""
+        logits = self.logits(idx)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@torch.no_grad()
+def sample(model: GPT, prompt: list[int], num_tokens: int, seq_len: int, temperature: float,
+           gen: torch.Generator) -> list[int]:
+    """``num_tokens`` tokens after ``prompt``, the context a window of the last ``seq_len`` tokens (as maxlm's job)."""
+    ids = list(prompt)
+    for _ in range(num_tokens):
+        logits = model.logits(torch.tensor([ids[-seq_len:]]))[0, -1] / temperature
+        ids.append(int(torch.multinomial(F.softmax(logits, -1), 1, generator=gen)))
+    return ids[len(prompt):]
 
 
 def lr_at(step: int, total: int) -> float:
@@ -149,6 +166,12 @@ def run(steps: int = 2000, batch_size: int = 12, seq_len: int = 64,
     with torch.no_grad():
         val_loss = sum(model(*get_batch(val_data, batch_size, seq_len, gen)).item()
                        for _ in range(eval_batches)) / max(1, eval_batches)
+    # what maxlm's job also does at the end: a final checkpoint and a 200-character sample
+    with tempfile.TemporaryDirectory() as workdir:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": steps},
+                   os.path.join(workdir, "checkpoint.pt"))
+    text = "".join(chars[i] for i in sample(model, [lut["\n"]], 200, seq_len, 0.8, gen))
+    print(f"--- sample ---\n{text}\n--------------", flush=True)
 
     return {
         "wall_s": time.perf_counter() - t0,
