@@ -124,3 +124,12 @@ def test_cluster_environments_and_distributed_config_errors(monkeypatch):
     config.distributed.update(coordinator_address="", process_id=1)
     with pytest.raises(ConfigError, match="need distributed.coordinator_address"):
         check_distributed(config)
+
+
+def test_logging_an_event_starts_no_jax_backend(tmp_path):
+    """The supervisor (the parent of the training processes) logs events; it must not claim the accelerators."""
+    probe = ("from jax._src import xla_bridge\nfrom maxlm.train.events import log_event\n"
+             f"log_event({str(tmp_path)!r}, 'probe')\nprint(xla_bridge.backends_are_initialized())")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
+    assert [e["event"] for e in read_events(tmp_path)] == ["probe"]

@@ -20,9 +20,10 @@ EVENTS_FILE = "events.jsonl"
 
 def log_event(workdir: str | os.PathLike, event: str, **fields: Any) -> dict[str, Any]:
     """Appends `{'time', 'event', **fields}` to WORKDIR/events.jsonl (fsynced) and logs it; in a
-    multi-process run only process 0 writes."""
+    multi-process run only process 0 writes. It never starts a JAX backend itself (the supervisor, a
+    parent of the training processes, must not claim the accelerators)."""
     record = {"time": time.time(), "event": event, **fields}
-    if jax.process_index() != 0:
+    if jax.distributed.is_initialized() and jax.process_index() != 0:
         return record
     line = json.dumps(record, default=str)
     path = Path(workdir) / EVENTS_FILE
