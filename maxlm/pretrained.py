@@ -58,14 +58,9 @@ def _on_one_device(tree):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
 
 
-def _lora(config) -> lora_lib.LoraConfig:
-    return lora_lib.LoraConfig(config.lora.rank, config.lora.alpha, config.lora.targets,
-                               config.lora.get("quantize_base", False))
-
-
 def _merge_adapters(params, config, checkpoint: str):
     """``params`` with the adapters of a LoRA run's checkpoint folded in."""
-    cfg = _lora(config)
+    cfg = lora_lib.LoraConfig.from_config(config.lora)
     if cfg.quantize_base:  # the base the adapters were trained on: int8-rounded
         params = lora_lib.dequantize(lora_lib.quantize_int8(params, cfg))
     abstract = jax.eval_shape(lambda rng: lora_lib.init_lora(rng, params, cfg), jax.random.key(0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import jax
 import numpy as np
 
 from maxlm.config import base_config
@@ -32,6 +33,11 @@ def tiny_config(**model_overrides):
     c.checkpoint.update(every_steps=0)
     c.sample.num_tokens = 0
     return c
+
+
+def tree_nbytes(tree) -> int:
+    """Bytes of every array (or ShapeDtypeStruct) leaf of ``tree``."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def random_batch(batch: int, seq: int, vocab: int, seed: int = 0, packed: bool = False) -> dict[str, np.ndarray]:

@@ -19,7 +19,7 @@ from maxlm.train.loop import train
 from maxlm.train.optimizer import make_optimizer
 from maxlm.train.reference import cache_key, cached_reference_logps
 from maxlm.train.step import init_frozen, init_state, make_train_step, state_layout
-from tests.helpers import preset_config, tiny_config
+from tests.helpers import preset_config, tiny_config, tree_nbytes
 
 VOCAB = 61
 LORA = lora.LoraConfig(rank=4, alpha=8.0, targets=r"attn/w[qkvo]|mlp/w_(gate|up|down)")
@@ -168,15 +168,14 @@ def test_under_lora_the_state_holds_one_copy_of_the_base_weights():
     model = build_model(ModelConfig.from_config(config.model))
     tx = make_optimizer(config.train)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-    base = nbytes(model.abstract_params())
+    base = tree_nbytes(model.abstract_params())
     low = state_layout(model, tx, mesh, lora.LoraConfig(8, 16.0, LORA.targets))  # what train() builds for LoRA DPO
-    held = nbytes(low.abstract) + nbytes(low.frozen_abstract)  # everything the step is given
-    assert nbytes(low.frozen_abstract) == base  # the base, which is also the reference
-    assert nbytes(low.abstract) < 0.05 * base  # adapters, their optimizer state, step, rng
+    held = tree_nbytes(low.abstract) + tree_nbytes(low.frozen_abstract)  # everything the step is given
+    assert tree_nbytes(low.frozen_abstract) == base  # the base, which is also the reference
+    assert tree_nbytes(low.abstract) < 0.05 * base  # adapters, their optimizer state, step, rng
     assert base <= held < 1.05 * base
     full = state_layout(model, tx, mesh, reference=True)  # full fine-tuning: policy + opt + a reference copy
-    assert nbytes(full.abstract["params"]) + nbytes(full.frozen_abstract) == 2 * base
+    assert tree_nbytes(full.abstract["params"]) + tree_nbytes(full.frozen_abstract) == 2 * base
 
 
 def test_reward_objective_is_bradley_terry_on_the_last_token_values():

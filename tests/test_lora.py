@@ -16,7 +16,7 @@ from maxlm.train.loop import train
 from maxlm.train.objectives import make_objective
 from maxlm.train.optimizer import make_optimizer
 from maxlm.train.step import init_frozen, init_state, make_train_step, state_layout
-from tests.helpers import preset_config, random_batch, tiny_config
+from tests.helpers import preset_config, random_batch, tiny_config, tree_nbytes
 
 CFG = lora.LoraConfig(rank=4, alpha=8.0, targets=r"attn/w[qkvo]|mlp/w_(gate|up|down)")
 
@@ -153,10 +153,9 @@ def test_lora_shrinks_the_optimizer_state_of_a_124m_model_over_50x():
     model = build_model(ModelConfig.from_config(config.model))
     tx = make_optimizer(config.train)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
     full = state_layout(model, tx, mesh)
     low = state_layout(model, tx, mesh, lora.LoraConfig(8, 16.0, r"attn/w[qkvo]|mlp/w_(gate|up|down)"))
-    assert nbytes(full.abstract["opt_state"]) / nbytes(low.abstract["opt_state"]) > 50
+    assert tree_nbytes(full.abstract["opt_state"]) / tree_nbytes(low.abstract["opt_state"]) > 50
 
 
 def test_int8_base_round_trips_within_half_a_step_per_channel():
@@ -180,12 +179,11 @@ def test_int8_base_stores_a_quarter_of_the_targeted_bytes_of_a_124m_model():
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     cfg = lora.LoraConfig(8, 16.0, CFG.targets, quantize_base=True)
     layout = state_layout(model, make_optimizer(config.train), mesh, cfg)
-    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
     stored = jax.eval_shape(lambda p: lora.quantize_int8(p, cfg), layout.frozen_abstract)
     targets = lora.target_paths(layout.frozen_abstract, cfg)
     targeted = sum(np.prod(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(
         layout.frozen_abstract)[0] if "/".join(k.key for k in path) in targets)
-    assert nbytes(layout.frozen_abstract) - nbytes(stored) > 0.74 * 3 * targeted  # 4 bytes -> 1 (+ scales)
+    assert tree_nbytes(layout.frozen_abstract) - tree_nbytes(stored) > 0.74 * 3 * targeted  # 4 bytes -> 1 (+ scales)
     assert jax.tree.structure(layout.frozen_shardings) == jax.tree.structure(stored)
 
 

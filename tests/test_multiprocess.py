@@ -57,8 +57,8 @@ def _start(config, workdir, *overrides, devices, process_id=None, port=0):
         command += [f"--config.distributed.coordinator_address=localhost:{port}", "--config.distributed.num_processes=2",
                     f"--config.distributed.process_id={process_id}", "--config.mesh.dcn_data=2"]
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    log = open(Path(str(workdir) + f".{process_id}.log"), "w")
-    return subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    with open(Path(str(workdir) + f".{process_id}.log"), "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
 
 
 def _check(status, what):

@@ -247,6 +247,18 @@ class _PrepareExample:
         return {"tokens": tokens[:-1], "targets": tokens[1:], "loss_mask": mask[1:]}
 
 
+def padded_rows(sequences: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int) -> Batch:
+    """One row ``[len(sequences), seq_len]`` per ``(tokens, loss_mask)`` of at most ``seq_len + 1`` tokens, shifted
+    like a packed example (``loss_mask[j]``: token j counts as a target) and padded after its end (segment 0)."""
+    rows = {k: np.zeros((len(sequences), seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
+    rows["loss_mask"] = np.zeros((len(sequences), seq_len), np.float32)
+    for i, (tokens, mask) in enumerate(sequences):
+        n = len(tokens) - 1
+        rows["tokens"][i, :n], rows["targets"][i, :n], rows["loss_mask"][i, :n] = tokens[:-1], tokens[1:], mask[1:]
+        rows["segment_ids"][i, :n], rows["positions"][i, :n] = 1, np.arange(n)
+    return rows
+
+
 def _packed_row(row: Mapping[str, np.ndarray]) -> Batch:
     return {
         "tokens": row["tokens"],

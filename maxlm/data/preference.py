@@ -103,17 +103,14 @@ def truncate_pair(pair: Mapping[str, np.ndarray], max_len: int, max_prompt_len: 
 
 def pair_rows(pair: Mapping[str, np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
     """A truncated pair as Batch arrays ``[2, seq_len]`` (chosen, rejected), padded after the end."""
-    rows = {k: np.zeros((2, seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
-    rows["loss_mask"] = np.zeros((2, seq_len), np.float32)
-    for i, name in enumerate(("chosen", "rejected")):
+    sequences = []
+    for name in ("chosen", "rejected"):
         seq = np.concatenate([pair["prompt"], pair[name]])
         mask = np.concatenate([np.zeros(len(pair["prompt"]), np.float32), pair[f"{name}_mask"]])
         if not 2 <= len(seq) <= seq_len + 1:
             raise ValueError(f"a {name} sequence of {len(seq)} tokens does not fit seq_len+1={seq_len + 1}")
-        n = len(seq) - 1
-        rows["tokens"][i, :n], rows["targets"][i, :n], rows["loss_mask"][i, :n] = seq[:-1], seq[1:], mask[1:]
-        rows["segment_ids"][i, :n], rows["positions"][i, :n] = 1, np.arange(n)
-    return rows
+        sequences.append((seq, mask))
+    return pipeline.padded_rows(sequences, seq_len)
 
 
 def records_to_pairs(records: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, template: sft.ChatTemplate, *,

@@ -38,6 +38,12 @@ class LoraConfig:
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @classmethod
+    def from_config(cls, section) -> "LoraConfig":
+        """From a config's ``lora`` section (keys that older saved configs lack take their defaults)."""
+        return cls(section.rank, section.alpha, section.targets, section.get("quantize_base", False),
+                   section.get("dropout", 0.0))
+
 
 def _path(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)

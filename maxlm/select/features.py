@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from maxlm import sharding
+from maxlm.data import pipeline
 from maxlm.models import Model
 from maxlm.models import lora as lora_lib
 from maxlm.train.objectives import next_token_objective
@@ -69,17 +70,8 @@ class AdamMoments:
 def pad_examples(tokenized: list[dict[str, np.ndarray]], seq_len: int) -> Examples:
     """One example per row: ``{'tokens', 'loss_mask'}`` of n tokens -> n-1 (input, target) pairs, cut to
     ``seq_len`` and zero-padded (segment 0, no loss)."""
-    rows = len(tokenized)
-    out = {k: np.zeros((rows, seq_len), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
-    out["loss_mask"] = np.zeros((rows, seq_len), np.float32)
-    for i, example in enumerate(tokenized):
-        tokens = np.asarray(example["tokens"], np.int32)[: seq_len + 1]
-        n = len(tokens) - 1
-        out["tokens"][i, :n], out["targets"][i, :n] = tokens[:-1], tokens[1:]
-        out["loss_mask"][i, :n] = np.asarray(example["loss_mask"], np.float32)[1: n + 1]
-        out["segment_ids"][i, :n] = 1
-        out["positions"][i, :n] = np.arange(n)
-    return out
+    return pipeline.padded_rows([(np.asarray(e["tokens"], np.int32)[: seq_len + 1],
+                                  np.asarray(e["loss_mask"], np.float32)[: seq_len + 1]) for e in tokenized], seq_len)
 
 
 def example_loss_fn(model: Model, lora: lora_lib.LoraConfig) -> Callable:

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from maxlm import config as config_lib
 from maxlm import sharding
 from maxlm.checkpoint import load_params, read_state
-from maxlm.data import pipeline, sft
+from maxlm.data import pipeline
 from maxlm.models import build_model
 from maxlm.models.lora import LoraConfig
 from maxlm.models.transformer import ModelConfig
@@ -90,17 +90,6 @@ def validate_select_config(config: ConfigDict) -> None:
     if config.train.init_from_hf:
         raise ConfigError("train.init_from_hf is not supported here: convert the model once with "
                           "launch/convert.py and give train.init_from")
-
-
-def _read(spec: str, d: ConfigDict) -> list[dict]:
-    required = {"hh": (d.sft_field,), "instruction": ("instruction", "output"), "chat": ()}[d.sft_format]
-    return train_data.read_records(spec, d.on_bad_record, required)
-
-
-def _tokenize(records: list[dict], tokenizer, d: ConfigDict) -> list[dict[str, np.ndarray]]:
-    template = train_data.chat_template(d)
-    return [sft.tokenize_dialogue(sft.to_messages(r, d.sft_format, d.sft_field), tokenizer, template,
-                                  train_on_prompt=d.train_on_prompt) for r in records]
 
 
 def _write_jsonl(path: str, records: list[dict]) -> None:
@@ -181,8 +170,9 @@ def run_selection(config: ConfigDict) -> str:
     warm_dir = os.path.join(workdir, "warmup")
     os.makedirs(warm_dir, exist_ok=True)
     d = config.train.data
-    pool = _read(config.pool, d)
-    validation = {name: _read(spec, d) for name, spec in sorted(config.validation.items())}
+    template = train_data.chat_template(d)
+    pool = train_data.read_sft_records(config.pool, d)
+    validation = {name: train_data.read_sft_records(spec, d) for name, spec in sorted(config.validation.items())}
 
     # 1. warmup
     data_path = os.path.join(warm_dir, "data.jsonl")
@@ -190,7 +180,7 @@ def run_selection(config: ConfigDict) -> str:
     _write_jsonl(data_path, sample)
     tokenizer = train_data.get_tokenizer(warmup_train_config(config, data_path, 1), warm_dir)
     t, seed = config.train.train, config.train.seed
-    sample_examples = _tokenize(sample, tokenizer, d)
+    sample_examples = train_data.sft_examples(sample, tokenizer, template, d)
     epoch_steps = max(1, packed_batches(sample_examples, t, d, seed))
     epoch_steps = -(-epoch_steps // t.steps_per_call) * t.steps_per_call
     warm = warmup_train_config(config, data_path, epoch_steps)
@@ -207,7 +197,7 @@ def run_selection(config: ConfigDict) -> str:
     run = read_run_config(warm_dir)
     rules = tuple(tuple(r) for r in run.mesh.rules)
     model = build_model(ModelConfig.from_config(run.model, tokenizer.vocab_size), rules)
-    lora = LoraConfig(run.lora.rank, run.lora.alpha, run.lora.targets, run.lora.quantize_base)
+    lora = LoraConfig.from_config(run.lora)
     mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     if config.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise ConfigError(f"batch_size={config.batch_size} is not divisible by the mesh's "
@@ -223,8 +213,8 @@ def run_selection(config: ConfigDict) -> str:
     adam = feats.AdamMoments(run.train.b1, run.train.b2, run.train.eps)
     pool_fn = feats.make_feature_fn(model, lora, projection, adam, **common)
     val_fn = feats.make_feature_fn(model, lora, projection, None, **common)
-    pool_rows = feats.pad_examples(_tokenize(pool, tokenizer, d), run.train.seq_len)
-    val_rows = {name: feats.pad_examples(_tokenize(records, tokenizer, d), run.train.seq_len)
+    pool_rows = feats.pad_examples(train_data.sft_examples(pool, tokenizer, template, d), run.train.seq_len)
+    val_rows = {name: feats.pad_examples(train_data.sft_examples(records, tokenizer, template, d), run.train.seq_len)
                 for name, records in validation.items()}
     extract = dict(batch_size=config.batch_size, shard_size=config.shard_size)
     pool_features, val_features = [], []

@@ -111,18 +111,28 @@ def read_records(spec: str, on_bad_record: str, fields: tuple[str, ...]) -> list
     return load_jsonl(path, fields=fields, on_bad_record=on_bad_record)
 
 
+def read_sft_records(spec: str, d) -> list[dict]:
+    """The records of ``spec`` with the fields ``data.sft_format`` needs (``d`` is the data section)."""
+    required = {"hh": (d.sft_field,), "instruction": ("instruction", "output"), "chat": ()}[d.sft_format]
+    return read_records(spec, d.on_bad_record, required)
+
+
+def sft_examples(records: list[dict], tokenizer: Tokenizer, template, d) -> list[dict[str, np.ndarray]]:
+    """Each record as a tokenized dialogue with its loss mask (``sft.tokenize_dialogue``)."""
+    return [sft.tokenize_dialogue(sft.to_messages(r, d.sft_format, d.sft_field), tokenizer, template,
+                                  train_on_prompt=d.train_on_prompt) for r in records]
+
+
 def sft_data(config, workdir: str) -> TrainData:
     """Dialogues rendered with ``data.chat_template``, loss on assistant tokens, packed into rows.
 
     The last ``data.val_fraction`` of the records are held out for evaluation.
     """
     d, t = config.data, config.train
-    required = {"hh": (d.sft_field,), "instruction": ("instruction", "output"), "chat": ()}[d.sft_format]
     template = chat_template(d)
-    records = read_records(d.source, d.on_bad_record, required)
+    records = read_sft_records(d.source, d)
     tokenizer = get_tokenizer(config, workdir)
-    examples = [sft.tokenize_dialogue(sft.to_messages(r, d.sft_format, d.sft_field), tokenizer, template,
-                                      train_on_prompt=d.train_on_prompt) for r in records]
+    examples = sft_examples(records, tokenizer, template, d)
     cut = _split_point(len(examples), d.val_fraction)
     common = dict(seq_len=t.seq_len, batch_size=t.batch_size, seed=config.seed, truncate=d.truncate,
                   on_bad_record=d.on_bad_record)

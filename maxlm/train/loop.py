@@ -122,8 +122,7 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
 
     model = build_model(model_cfg, rules)
     tx = make_optimizer(t)
-    lora = (LoraConfig(config.lora.rank, config.lora.alpha, config.lora.targets, config.lora.quantize_base,
-                       config.lora.dropout) if config.lora.rank else None)
+    lora = LoraConfig.from_config(config.lora) if config.lora.rank else None
     dpo = t.objective == "dpo" and not t.dpo.reference_free
     precompute = dpo and t.dpo.precompute_reference
     # Without LoRA a DPO reference is a separate frozen copy (unless precomputed); under LoRA it is the base.
