@@ -1,8 +1,10 @@
 """The end-of-run sampler: greedy, temperature and top-k are wired and seeded."""
 
 import jax
+import numpy as np
 import ml_collections
 
+from maxlm.generate import Sampler
 from maxlm.models import build_model
 from maxlm.models.transformer import ModelConfig
 from maxlm.train.sample import sample_text
@@ -33,3 +35,25 @@ def test_greedy_equals_top_k_one_and_temperature_changes_samples():
     assert _sample(top_k=1) == greedy  # sampling among one candidate is greedy
     assert _sample(temperature=1.0) != greedy  # a random model's samples are not its argmax
     assert _sample(temperature=1.0) == _sample(temperature=1.0)  # seeded
+
+
+def test_the_jitted_loop_equals_a_token_by_token_loop_over_a_sliding_window():
+    """Prompt + samples outgrow the window: each token must see exactly the last ``window`` tokens."""
+    cfg = ModelConfig(vocab_size=97, d_model=32, num_layers=1, num_heads=2, num_kv_heads=2, head_dim=16, d_ff=64,
+                      max_seq_len=8, attention="xla")
+    model = build_model(cfg)
+    params = jax.jit(model.init)(jax.random.key(1))
+    window, tokenizer, apply = 8, CharTokenizer(), jax.jit(model.apply)
+    for temperature, top_k in ((0.0, 0), (1.0, 5)):
+        sample_cfg = ml_collections.ConfigDict(dict(prompt="abc", num_tokens=20, temperature=temperature, top_k=top_k))
+        got = sample_text(model, params, tokenizer, sample_cfg, seed=3, window=window)
+        sampler = Sampler(temperature=temperature, top_k=top_k)
+        ids = tokenizer.encode("abc")
+        for i in range(20):
+            context = ids[-window:]
+            tokens = np.zeros((1, window), np.int32)
+            tokens[0, : len(context)] = context
+            positions = np.arange(window)[None]
+            logits, _ = apply(params, tokens, positions, (positions < len(context)).astype(np.int32))
+            ids.append(int(sampler(logits[:, len(context) - 1], jax.random.fold_in(jax.random.key(3), i))[0]))
+        assert got == tokenizer.decode(ids[3:])

@@ -8,6 +8,7 @@ unrolling them uses the same parameters, and checkpoints do not depend on it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -390,9 +391,30 @@ class Transformer(nnx.Module):
         indices = jnp.arange(self.cfg.num_layers)
         if self.cfg.scan_layers:
             return jax.lax.scan(body, carry, (stacked, indices))[0]
-        for i in range(self.cfg.num_layers):
-            carry, _ = body(carry, (jax.tree.map(lambda a: a[i], stacked), indices[i]))
+        for i, layer in enumerate(unstack_layers(stacked, self.cfg.num_layers)):
+            carry, _ = body(carry, (layer, indices[i]))
         return carry
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def unstack_layers(stacked, num_layers: int) -> tuple:
+    """The ``num_layers`` per-layer slices of stacked ``[layers, ...]`` weights (the unrolled loop).
+
+    Its backward pass stacks the per-layer gradients in one copy. Autodiff of ``a[i]`` would pad each
+    layer's gradient to the whole stack and add the pads up: ~7% of a small model's CPU train step.
+    """
+    return tuple(jax.tree.map(lambda a: a[i], stacked) for i in range(num_layers))
+
+
+def _unstack_forward(stacked, num_layers):
+    return unstack_layers(stacked, num_layers), None
+
+
+def _unstack_backward(_num_layers, _, layer_grads):
+    return (jax.tree.map(lambda *g: jnp.stack(g), *layer_grads),)
+
+
+unstack_layers.defvjp(_unstack_forward, _unstack_backward)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:

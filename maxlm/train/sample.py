@@ -1,7 +1,8 @@
 """A short text sample at the end of training: a window sliding over the text, recomputed each token.
 
 Unlike ``maxlm.generate`` (KV cache, bounded by ``max_seq_len``), the sliding window lets a
-64-token learned-position model write 200 characters; both share the ``Sampler``.
+64-token learned-position model write 200 characters; both share the ``Sampler``. The whole loop
+is one jitted ``fori_loop``: one dispatch, not one per token.
 """
 
 from __future__ import annotations
@@ -18,21 +19,23 @@ def sample_text(model: Model, params, tokenizer, sample_cfg, *, seed: int, windo
     """Samples ``sample_cfg.num_tokens`` tokens after ``sample_cfg.prompt`` (temperature, optional top-k)."""
     window = window or model.cfg.max_seq_len
     sampler = Sampler(temperature=float(sample_cfg.temperature), top_k=int(sample_cfg.top_k))
+    prompt = list(tokenizer.encode(sample_cfg.prompt))
+    ids = prompt or [tokenizer.eos_id]
+    num_tokens = int(sample_cfg.num_tokens)
+    buffer = np.zeros(max(len(ids) + num_tokens, window), np.int32)  # every window slice fits inside
+    buffer[: len(ids)] = ids
 
-    @jax.jit
-    def next_token(params, tokens, length, rng):
+    def add_token(params, i, tokens):
+        end = len(ids) + i  # the new token's slot; it sees the (up to) ``window`` tokens before it
+        start = jnp.maximum(end - window, 0)
+        context = jax.lax.dynamic_slice(tokens, (start,), (window,))[None]
+        length = end - start
         positions = jnp.arange(window)[None]
-        segments = (positions < length).astype(jnp.int32)
-        logits, _ = model.apply(params, tokens, positions, segments)
-        return sampler(logits[:, length - 1], rng)[0]
+        logits, _ = model.apply(params, context, positions, (positions < length).astype(jnp.int32))
+        token = sampler(logits[:, length - 1], jax.random.fold_in(jax.random.key(seed), i))[0]
+        return tokens.at[end].set(token)
 
-    ids = list(tokenizer.encode(sample_cfg.prompt)) or [tokenizer.eos_id]
-    rng = jax.random.key(seed)
-    prompt_len = len(ids)
-    for i in range(int(sample_cfg.num_tokens)):
-        context = ids[-window:]
-        buffer = np.zeros((1, window), np.int32)
-        buffer[0, : len(context)] = context
-        token = next_token(params, buffer, len(context), jax.random.fold_in(rng, i))
-        ids.append(int(token))
-    return tokenizer.decode(ids[prompt_len:]) if prompt_len else tokenizer.decode(ids)
+    generate = jax.jit(lambda params, t: jax.lax.fori_loop(0, num_tokens, lambda i, t: add_token(params, i, t), t))
+    tokens = generate(params, buffer)
+    new = np.asarray(tokens)[len(ids): len(ids) + num_tokens].tolist()
+    return tokenizer.decode(new) if prompt else tokenizer.decode(ids + new)

@@ -84,7 +84,9 @@ def state_layout(model: Model, tx: optax.GradientTransformation, mesh: Mesh,
     else:
         abstract_params, param_specs = base_params, base_specs
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
-    opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt, param_specs,
+    # tx.init traced, not run: run eagerly it would compile a dozen tiny programs for the schedule's first value
+    opt_specs = optax.tree_map_params(lambda p: jax.eval_shape(lambda: tx.init(p)), lambda _, spec: spec,
+                                      abstract_opt, param_specs,
                                       transform_non_params=lambda _: P(), is_leaf=lambda x: isinstance(x, P))
     specs = {"step": P(), "params": param_specs, "opt_state": opt_specs, "rng": P()}
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
