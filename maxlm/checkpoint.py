@@ -63,6 +63,7 @@ class Checkpointer:
     ):
         if keep_last < 1:
             raise ValueError(f"checkpoint.keep_last must be >= 1, got {keep_last}")
+        _write_replicated_arrays_from_one_device()
         self.workdir = Path(workdir).absolute()  # Orbax needs absolute paths
         self.directory = self.workdir / "checkpoints"
         save_policies: list[Any] = [policies.PreemptionCheckpointingPolicy()]
@@ -323,6 +324,19 @@ def _find_step_dir(path: Path) -> Path:
             "or a checkpoints/<step> dir"
         )
     return path / str(max(steps))
+
+
+def _write_replicated_arrays_from_one_device() -> None:
+    """In a single-process run, Orbax writes each replicated array from one device.
+
+    Its default, replica-parallel writing (each replica writes a slice: several hosts share the work
+    of a data-parallel state) gains nothing inside one process and jit-compiles a slice per array
+    shape: ~0.7 s of compiling before a small model's first save. The handler keeps no array
+    metadata store, which Orbax only needs for typed PRNG keys; the train state holds raw key data.
+    """
+    if jax.process_count() == 1:
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
 def _item_handlers() -> dict[str, Any]:

@@ -319,3 +319,21 @@ def test_relative_workdirs_work(tmp_path, monkeypatch):
     assert step == 2 and np.array_equal(restored["w"], state["w"])
     np.testing.assert_array_equal(read_state("runs/rel")["w"], state["w"])
     ckpt.close()
+
+
+def test_saving_replicated_arrays_in_one_process_compiles_nothing(tmp_path):
+    """One process holds every replica: Orbax writes each array from one device instead of jit-slicing it
+    between replicas (one compile per array shape before the first save)."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+    state = {"w": jax.device_put(np.arange(6 * 22, dtype=np.float32).reshape(6, 22), NamedSharding(mesh, P()))}
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, _secs, **_: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+    ckpt = Checkpointer(tmp_path, every_steps=1)
+    assert ckpt.save(1, state)
+    ckpt.wait()
+    assert compiles == []
+    abstract = {"w": jax.ShapeDtypeStruct((6, 22), jnp.float32, sharding=state["w"].sharding)}
+    restored, step = ckpt.restore(abstract)
+    np.testing.assert_array_equal(restored["w"], state["w"])
+    assert step == 1 and restored["w"].sharding.is_equivalent_to(state["w"].sharding, 2)
