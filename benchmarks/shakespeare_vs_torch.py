@@ -4,7 +4,10 @@ Each side runs in its own subprocess, one after the other, on the same cores, in
 (maxlm cold, torch, maxlm warm, torch) so that each maxlm run is compared with the torch run next to
 it: this VM's speed drifts by tens of percent over minutes.
 
-    python benchmarks/shakespeare_vs_torch.py [--steps 2000] [--out benchmarks/results/shakespeare_cpu.md]
+    python benchmarks/shakespeare_vs_torch.py [--steps 2000] [--repeats 3] [--out benchmarks/results/shakespeare_cpu.md]
+
+``--repeats N`` runs N such rounds, each on a fresh compile cache, and ends with every round's ratios and
+their median: one round is at the mercy of the VM's drift.
 
 maxlm: ``launch/train.py --config=configs/shakespeare_char.py`` (wall time includes start-up, tokenizer
 training, compilation and the final eval/sample), run twice on one fresh XLA compilation cache: ``cold`` is a
@@ -59,29 +62,53 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--eval_batches", type=int, default=100)
     parser.add_argument("--out", default="")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of (maxlm cold, torch, maxlm warm, torch), each on a fresh compile cache")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as cache_dir:  # cold: compiles everything; warm: a rerun, cache hits
-        cold = run_maxlm(args.steps, args.eval_batches, cache_dir)
-        torch_1 = run_torch(args.steps, args.eval_batches)
-        warm = run_maxlm(args.steps, args.eval_batches, cache_dir)
-        torch_2 = run_torch(args.steps, args.eval_batches)
-    rows = [("wall time (s)", "wall_s"), ("median step (ms)", "step_time_s"), ("tokens/s", "tokens_per_sec"),
-            ("val loss", "val_loss")]
-    table = ["| metric | maxlm (cold compile cache) | pytorch (run 1) | maxlm (warm) | pytorch (run 2) "
-             "| cold / run 1 | warm / run 2 |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, key in rows:
-        scale = 1000.0 if key == "step_time_s" else 1.0
-        a, b, w, c = (run[key] * scale for run in (cold, torch_1, warm, torch_2))
-        table.append(f"| {name} | {a:.4g} | {b:.4g} | {w:.4g} | {c:.4g} | {a / b:.3f} | {w / c:.3f} |")
-    torch = torch_1
+    rounds = []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory() as cache_dir:  # cold: compiles everything; warm: a rerun, cache hits
+            cold = run_maxlm(args.steps, args.eval_batches, cache_dir)
+            torch_1 = run_torch(args.steps, args.eval_batches)
+            warm = run_maxlm(args.steps, args.eval_batches, cache_dir)
+            torch_2 = run_torch(args.steps, args.eval_batches)
+        rounds.append((cold, torch_1, warm, torch_2))
+        print(_round_table(*rounds[-1]), flush=True)
     text = (f"shakespeare_char, {args.steps} steps, batch 12 x 64, {os.cpu_count()} CPU cores, "
-            f"torch {torch.get('torch_version')}\n\n" + "\n".join(table))
+            f"torch {rounds[0][1].get('torch_version')}\n\n"
+            + "\n\n".join(_round_table(*r) for r in rounds))
+    if args.repeats > 1:
+        text += "\n\n" + _summary(rounds)
     print(text)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"Command: `python benchmarks/shakespeare_vs_torch.py --steps {args.steps} --out {args.out}`\n\n"
-                    f"{text}\n")
+            f.write(f"Command: `python benchmarks/shakespeare_vs_torch.py {' '.join(sys.argv[1:])}`\n\n{text}\n")
 
+
+ROWS = [("wall time (s)", "wall_s"), ("median step (ms)", "step_time_s"), ("tokens/s", "tokens_per_sec"),
+        ("val loss", "val_loss")]
+
+
+def _round_table(cold: dict, torch_1: dict, warm: dict, torch_2: dict) -> str:
+    table = ["| metric | maxlm (cold compile cache) | pytorch (run 1) | maxlm (warm) | pytorch (run 2) "
+             "| cold / run 1 | warm / run 2 |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, key in ROWS:
+        scale = 1000.0 if key == "step_time_s" else 1.0
+        a, b, w, c = (run[key] * scale for run in (cold, torch_1, warm, torch_2))
+        table.append(f"| {name} | {a:.4g} | {b:.4g} | {w:.4g} | {c:.4g} | {a / b:.3f} | {w / c:.3f} |")
+    return "\n".join(table)
+
+
+def _summary(rounds: list[tuple[dict, dict, dict, dict]]) -> str:
+    """Each maxlm/torch ratio of every round, and their median."""
+    lines = ["| ratio (maxlm / torch run next to it) | " + " | ".join(f"round {i + 1}" for i in range(len(rounds)))
+             + " | median |", "| --- |" + " ---: |" * (len(rounds) + 1)]
+    for label, key, maxlm_index in (("wall, cold", "wall_s", 0), ("wall, warm", "wall_s", 2),
+                                    ("median step, cold", "step_time_s", 0), ("median step, warm", "step_time_s", 2)):
+        ratios = [r[maxlm_index][key] / r[maxlm_index + 1][key] for r in rounds]
+        lines.append(f"| {label} | " + " | ".join(f"{x:.3f}" for x in ratios)
+                     + f" | {statistics.median(ratios):.3f} |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
