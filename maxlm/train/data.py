@@ -155,9 +155,9 @@ def chat_template(d) -> sft.ChatTemplate | HFChatTemplate:
 
 def _split_point(count: int, val_fraction: float) -> int:
     """How many of ``count`` records train; the rest are held out (none with ``val_fraction=0``)."""
-    cut = round(count * (1.0 - val_fraction))
     if val_fraction == 0:
         return count
+    cut = round(count * (1.0 - val_fraction))
     if cut in (0, count):
         raise ValueError(f"data.val_fraction={val_fraction} leaves no train or no val records of {count}")
     return cut

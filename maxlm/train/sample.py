@@ -25,17 +25,20 @@ def sample_text(model: Model, params, tokenizer, sample_cfg, *, seed: int, windo
     buffer = np.zeros(max(len(ids) + num_tokens, window), np.int32)  # every window slice fits inside
     buffer[: len(ids)] = ids
 
-    def add_token(params, i, tokens):
-        end = len(ids) + i  # the new token's slot; it sees the (up to) ``window`` tokens before it
-        start = jnp.maximum(end - window, 0)
-        context = jax.lax.dynamic_slice(tokens, (start,), (window,))[None]
-        length = end - start
-        positions = jnp.arange(window)[None]
-        logits, _ = model.apply(params, context, positions, (positions < length).astype(jnp.int32))
-        token = sampler(logits[:, length - 1], jax.random.fold_in(jax.random.key(seed), i))[0]
-        return tokens.at[end].set(token)
+    @jax.jit
+    def generate(params, tokens):
+        def add_token(i, tokens):
+            end = len(ids) + i  # the new token's slot; it sees the (up to) ``window`` tokens before it
+            start = jnp.maximum(end - window, 0)
+            context = jax.lax.dynamic_slice(tokens, (start,), (window,))[None]
+            length = end - start
+            positions = jnp.arange(window)[None]
+            logits, _ = model.apply(params, context, positions, (positions < length).astype(jnp.int32))
+            token = sampler(logits[:, length - 1], jax.random.fold_in(jax.random.key(seed), i))[0]
+            return tokens.at[end].set(token)
 
-    generate = jax.jit(lambda params, t: jax.lax.fori_loop(0, num_tokens, lambda i, t: add_token(params, i, t), t))
+        return jax.lax.fori_loop(0, num_tokens, add_token, tokens)
+
     tokens = generate(params, buffer)
     new = np.asarray(tokens)[len(ids): len(ids) + num_tokens].tolist()
     return tokenizer.decode(new) if prompt else tokenizer.decode(ids + new)
