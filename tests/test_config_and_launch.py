@@ -1,5 +1,6 @@
 """Config presets and validation, launch/train.py start-up errors, and one end-to-end tiny run."""
 
+import collections
 import glob
 import json
 import os
@@ -7,12 +8,16 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from maxlm.config import ConfigError, validate
 from maxlm.models import build_model
 from maxlm.models.transformer import ModelConfig
-from maxlm.train.loop import train
+from maxlm import sharding
+from maxlm.train.loop import evaluate, train
 from tests.helpers import ROOT, preset_config, tiny_config
 
 
@@ -112,6 +117,50 @@ def test_tiny_run_writes_metrics_tensorboard_config_and_sample(tmp_path):
     resolved = json.load(open(tmp_path / "config.json"))
     assert resolved["model"]["vocab_size"] > 0 and resolved["train"]["steps"] == 6
     assert (tmp_path / "sample.txt").read_text()
+
+
+def test_each_program_compiles_once_before_the_first_step(tmp_path):
+    """The train step compiles in a thread while the state initialises, the eval step and the sampler
+    after it: the loop must then reuse those executables, not compile them again."""
+    compiles = collections.Counter()
+
+    def count(event, duration, fun_name="", **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles[fun_name] += 1
+
+    config = tiny_config()
+    config.train.update(steps=6, steps_per_call=2, eval_every=2)
+    config.sample.num_tokens = 8
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        train(config, str(tmp_path))
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+    assert {"jit(train_steps)", "jit(eval_step)", "jit(generate)"} <= set(compiles), compiles
+    assert set(compiles.values()) == {1}, compiles
+
+
+def test_evaluate_bounds_the_calls_queued_on_the_devices():
+    """XLA:CPU deadlocks (and aborts after 40 s) when a few hundred programs with an all-reduce are queued
+    on 8 host devices; evaluate waits for older batches to keep the queue short."""
+    mesh = sharding.make_mesh(8, 1, 1)
+
+    def step(weights, batch, frozen):
+        x = batch["tokens"]
+        for _ in range(50):  # slower than the host's dispatch: unbounded, the queue would grow
+            x = jnp.tanh(x @ weights)
+        return {"loss_sum": x.sum(), "num_tokens": batch["loss_mask"].sum()}
+
+    eval_step = jax.jit(step, out_shardings=NamedSharding(mesh, P()))
+    weights = jnp.asarray(np.random.default_rng(0).normal(size=(256, 256)) / 16, jnp.float32)
+    batches = [{"tokens": np.full((64, 256), i / 300, np.float32), "loss_mask": np.ones((64, 256), np.float32)}
+               for i in range(300)]
+    with jax.set_mesh(mesh):
+        result = evaluate(eval_step, weights, None, batches, mesh, sharding.DEFAULT_RULES)
+        one_by_one = [jax.device_get(eval_step(weights, sharding.to_global_batch(b, mesh, sharding.DEFAULT_RULES),
+                                               None)) for b in batches]
+    expected = sum(float(r["loss_sum"]) for r in one_by_one) / sum(float(r["num_tokens"]) for r in one_by_one)
+    assert result["val_loss"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_vocab_mismatch_between_config_and_tokenizer_is_an_error(tmp_path):

@@ -6,6 +6,9 @@ Rerunning it on the same workdir resumes from the latest valid checkpoint.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import contextlib
 import os
 import time
 
@@ -27,7 +30,7 @@ from maxlm.train.objectives import PREFERENCE_OBJECTIVES, make_objective
 from maxlm.train.optimizer import make_optimizer, set_rollback_scales
 from maxlm.train.preemption import PREEMPTED_EXIT_CODE, PreemptionWatcher
 from maxlm.train.reference import cached_reference_logps
-from maxlm.train.sample import sample_text
+from maxlm.train.sample import TextSampler
 from maxlm.train.step import init_frozen, init_state, make_eval_step, make_train_step, state_layout
 
 
@@ -38,10 +41,25 @@ class Preempted(SystemExit):
         super().__init__(PREEMPTED_EXIT_CODE)
 
 
+# Calls the host may queue ahead of the devices. XLA:CPU deadlocks when many programs with collectives are
+# queued on several devices (200 on 8 host devices, 64 on 2); a few keep the devices busy.
+_MAX_IN_FLIGHT = 8
+
+
+def _queue_call(in_flight: collections.deque, result) -> None:
+    """Adds a call's (device) result to ``in_flight``; waits for the oldest beyond ``_MAX_IN_FLIGHT``."""
+    in_flight.append(result)
+    if len(in_flight) > _MAX_IN_FLIGHT:
+        jax.block_until_ready(in_flight.popleft())
+
+
 def evaluate(eval_step, params, frozen, batches, mesh, rules) -> dict[str, float]:
     """``val_<name>``: every ``<name>_sum`` of the eval step over the given batches, per token (or per pair)."""
-    # one device_get at the end: the host queues every batch without waiting for the previous one's result
-    totals = jax.device_get([eval_step(params, sharding.to_global_batch(b, mesh, rules), frozen) for b in batches])
+    totals, in_flight = [], collections.deque()
+    for b in batches:  # the host queues batches ahead of the devices, and fetches every sum at the end
+        totals.append(eval_step(params, sharding.to_global_batch(b, mesh, rules), frozen))
+        _queue_call(in_flight, totals[-1])
+    totals = jax.device_get(totals)
     count = max(sum(float(t["num_tokens"]) for t in totals), 1.0)
     return {f"val_{k.removesuffix('_sum')}": sum(float(t[k]) for t in totals) / count
             for k in totals[0] if k.endswith("_sum")}
@@ -169,34 +187,57 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
 
         restored = ckpt.restore(layout.abstract, data_iterator=data.train)
         if restored:
-            state, start_step = restored
-            log_event(workdir, "resume", step=start_step)
+            log_event(workdir, "resume", step=restored[1])
             if pretrained:
-                logging.info("resuming from step %d; init_from gives %s", start_step,
+                logging.info("resuming from step %d; init_from gives %s", restored[1],
                              "only the frozen params" if frozen is not None else "nothing")
-        else:
-            state, start_step = fresh_state(), 0
+        start_step = restored[1] if restored else 0
 
         train_step = make_train_step(objective, tx, layout, mesh, rules, grad_accum=t.grad_accum,
                                      steps_per_call=t.steps_per_call)
         eval_step = make_eval_step(objective, layout, mesh, rules)
+        sampler = (TextSampler(model, data.tokenizer, config.sample, seed=config.seed, window=t.seq_len)
+                   if is_primary and config.sample.num_tokens else None)
         writer = MetricsWriter(workdir, t.steps, start_step, enabled=is_primary)
         tokens_per_step = t.batch_size * t.seq_len * (2 if t.objective in PREFERENCE_OBJECTIVES else 1)
         flops = flops_per_token(model_cfg, t.seq_len) * tokens_per_step
         peak = peak_flops(jax.devices()[0])
         nan_steps = set(config.debug.nan_at_steps)
+        stacked = t.steps_per_call > 1
+
+        def next_call_batch(step: int):
+            """The global batch of the call that starts at ``step``: ``[n, batch, ...]`` when ``stacked``."""
+            batches = [_poison(next(data.train), s, nan_steps)
+                       for s in range(step, min(step + t.steps_per_call, t.steps))]
+            batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]} if stacked else batches[0]
+            return sharding.to_global_batch(batch, mesh, rules, stacked)
+
+        pending = next_call_batch(start_step) if start_step < t.steps else None
+        # Every program compiles before the first step, the train step in a thread while the state initialises
+        # (XLA compiles with the GIL released): on a 2-core CPU the main job starts ~2 s sooner.
+
+        def compile_train_step():
+            train_step.lower(layout.abstract, pending, frozen).compile()
+
+        with _in_background(compile_train_step if pending is not None else None, mesh):
+            state = restored[0] if restored else fresh_state()
+            if t.eval_batches:
+                val_batch = sharding.to_global_batch(next(iter(data.val_batches())), mesh, rules)
+                eval_step.lower(layout.abstract["params"], val_batch, frozen).compile()
+            if sampler and not layout.lora:  # under LoRA it samples merged params, made (and compiled) at the end
+                sampler.compile(layout.abstract["params"])
         last: dict = {}
         interval_start, interval_steps = time.perf_counter(), 0
         step = start_step
         # The guard reads each step's health one step late, so the host never waits for the device; a step
         # that is about to be checkpointed (or the last, or a preemption stop) is checked before it is saved.
         unchecked: list[tuple[int, dict]] = []
-        stacked = t.steps_per_call > 1
+        in_flight: collections.deque = collections.deque()
         while step < t.steps:
             n = min(t.steps_per_call, t.steps - step)
-            batches = [_poison(next(data.train), s, nan_steps) for s in range(step, step + n)]
-            batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]} if stacked else batches[0]
-            state, metrics = train_step(state, sharding.to_global_batch(batch, mesh, rules, stacked), frozen)
+            batch, pending = (pending if pending is not None else next_call_batch(step)), None
+            state, metrics = train_step(state, batch, frozen)
+            _queue_call(in_flight, metrics["loss"])
             interval_steps += n
             done = step + n
             if guard:
@@ -239,9 +280,8 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
                 raise Preempted()
             step = done
 
-        if is_primary and config.sample.num_tokens:
-            text = sample_text(model, layout.model_params(state["params"], frozen), data.tokenizer, config.sample,
-                               seed=config.seed, window=t.seq_len)
+        if sampler:
+            text = sampler(layout.model_params(state["params"], frozen))
             with open(os.path.join(workdir, "sample.txt"), "w") as f:
                 f.write(text)
             shown = config.sample.prompt.lstrip("\n") + text  # the prompt too: a chat prompt shows the turns
@@ -250,6 +290,23 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
         ckpt.close()
         writer.close()
     return last
+
+
+@contextlib.contextmanager
+def _in_background(compile_fn, mesh):
+    """Runs ``compile_fn`` (if any) in a thread, under ``mesh``, while the block runs; re-raises its error."""
+    if compile_fn is None:
+        yield
+        return
+
+    def run():
+        with jax.set_mesh(mesh):  # the mesh context is per thread, and part of the compiled program's cache key
+            compile_fn()
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="maxlm-compile") as pool:
+        compiled = pool.submit(run)
+        yield
+        compiled.result()
 
 
 def _per_step(metrics: dict) -> dict[str, np.ndarray]:
