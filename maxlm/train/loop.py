@@ -186,12 +186,12 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
             return init_state(model, tx, layout, config.seed, params)
 
         restored = ckpt.restore(layout.abstract, data_iterator=data.train)
+        restored_state, start_step = restored or (None, 0)
         if restored:
-            log_event(workdir, "resume", step=restored[1])
+            log_event(workdir, "resume", step=start_step)
             if pretrained:
-                logging.info("resuming from step %d; init_from gives %s", restored[1],
+                logging.info("resuming from step %d; init_from gives %s", start_step,
                              "only the frozen params" if frozen is not None else "nothing")
-        start_step = restored[1] if restored else 0
 
         train_step = make_train_step(objective, tx, layout, mesh, rules, grad_accum=t.grad_accum,
                                      steps_per_call=t.steps_per_call)
@@ -221,7 +221,7 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
             train_step.lower(layout.abstract, pending, frozen).compile()
 
         with _in_background(compile_train_step if pending is not None else None, mesh):
-            state = restored[0] if restored else fresh_state()
+            state = restored_state if restored else fresh_state()
             if t.eval_batches:
                 val_batch = sharding.to_global_batch(next(iter(data.val_batches())), mesh, rules)
                 eval_step.lower(layout.abstract["params"], val_batch, frozen).compile()
