@@ -2,15 +2,21 @@
 
 Unlike ``maxlm.generate`` (KV cache, bounded by ``max_seq_len``), the sliding window lets a
 64-token learned-position model write 200 characters; both share the ``Sampler``. The whole loop
-is one jitted ``fori_loop``: one dispatch, not one per token.
+is one jitted ``fori_loop``: one dispatch, not one per token. Fully replicated params (pure data
+parallelism) sample on one device: every replica would repeat the same sequential work, and on a CPU
+the devices' programs would contend for the same cores (200 tokens on 2 CPU devices: 0.36 s on one
+against 0.86 s on both).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from maxlm import sharding
 from maxlm.generate import Sampler
 from maxlm.models import Model
 
@@ -52,12 +58,37 @@ class TextSampler:
 
     def compile(self, abstract_params) -> None:
         """Compiles for params of these shapes and shardings (``jax.ShapeDtypeStruct`` leaves)."""
-        self._generate.lower(abstract_params, self._buffer).compile()
+        device = _replica_device(abstract_params)
+        if device is not None:
+            abstract_params = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
+                abstract_params)
+        with _on(device):
+            self._generate.lower(abstract_params, self._buffer).compile()
 
     def __call__(self, params) -> str:
-        tokens = np.asarray(self._generate(params, self._buffer))
+        device = _replica_device(params)
+        if device is not None:  # the replica already on that device: no copy
+            params = jax.tree.map(lambda a: next(s.data for s in a.addressable_shards if s.device == device), params)
+        with _on(device):
+            tokens = np.asarray(self._generate(params, self._buffer))
         new = tokens[len(self._ids): len(self._ids) + self._num_tokens].tolist()
         return self._tokenizer.decode(new) if self._has_prompt else self._tokenizer.decode(self._ids + new)
+
+
+def _replica_device(params):
+    """The lowest-id local device when every leaf is replicated over several devices, else None."""
+    shardings = [getattr(leaf, "sharding", None) for leaf in jax.tree.leaves(params)]
+    if not shardings or not all(s is not None and s.is_fully_replicated for s in shardings):
+        return None
+    if len(shardings[0].device_set) == 1:
+        return None
+    return min(shardings[0].addressable_devices, key=lambda d: d.id)
+
+
+def _on(device):
+    """A one-device mesh context on ``device`` (so the model's sharding constraints stay on it), or nothing."""
+    return jax.set_mesh(sharding.make_mesh(1, 1, 1, devices=[device])) if device is not None else contextlib.nullcontext()
 
 
 def sample_text(model: Model, params, tokenizer, sample_cfg, *, seed: int, window: int | None = None) -> str:
