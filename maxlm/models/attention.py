@@ -42,6 +42,16 @@ def xla_attention(q, k, v, mask, *, scale: float) -> jax.Array:
     return _xla_attention(q, k, v, mask, scale)
 
 
+# Masked scores get this added: exp() of it is 0, and adding it to any real score stays finite.
+_MASKED = -1e30
+
+
+def _subscripts(groups: int) -> tuple[str, str, str]:
+    """Einsum subscripts of (q, k/v, scores). MHA keeps 4-D operands: a grouped 5-D form with groups
+    of one costs XLA:CPU transposing copies of the scores."""
+    return ("bthd", "bshd", "bhts") if groups == 1 else ("btkgd", "bskd", "bkgts")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _xla_attention(q, k, v, mask, scale):
     return _xla_attention_forward(q, k, v, mask, scale)[0]
@@ -50,11 +60,13 @@ def _xla_attention(q, k, v, mask, scale):
 def _xla_attention_forward(q, k, v, mask, scale):
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
-    grouped = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", grouped, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    qs, kvs, ss = _subscripts(h // kv_heads)
+    grouped = q.reshape(b, t, kv_heads, h // kv_heads, d) if len(qs) == 5 else q
+    # the mask as an additive bias, which XLA fuses into the scores' dot (a select it would not)
+    bias = jnp.where(mask, 0.0, _MASKED).astype(jnp.float32).reshape(b, *(1,) * (len(ss) - 3), *mask.shape[1:])
+    scores = jnp.einsum(f"{qs},{kvs}->{ss}", grouped, k, preferred_element_type=jnp.float32) * scale + bias
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v).reshape(b, t, h, d)
+    out = jnp.einsum(f"{ss},{kvs}->{qs}", probs.astype(v.dtype), v).reshape(b, t, h, d)
     return out, (q, k, v, probs, out)
 
 
@@ -63,14 +75,16 @@ def _xla_attention_backward(scale, residuals, d_out):
     q, k, v, probs, out = residuals
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
-    groups = h // kv_heads
-    d_out_g = d_out.reshape(b, t, kv_heads, groups, d)
-    dv = jnp.einsum("bkgts,btkgd->bskd", probs.astype(d_out.dtype), d_out_g)
-    d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out_g, v, preferred_element_type=jnp.float32)
-    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1).reshape(b, t, kv_heads, groups)
-    d_scores = (probs * (d_probs - row.transpose(0, 2, 3, 1)[..., None]) * scale).astype(q.dtype)
-    dq = jnp.einsum("bkgts,bskd->btkgd", d_scores, k).reshape(b, t, h, d)
-    dk = jnp.einsum("bkgts,btkgd->bskd", d_scores, q.reshape(b, t, kv_heads, groups, d))
+    qs, kvs, ss = _subscripts(h // kv_heads)
+    grouped = (b, t, kv_heads, h // kv_heads, d) if len(qs) == 5 else q.shape
+    d_out_g = d_out.reshape(grouped)
+    dv = jnp.einsum(f"{ss},{qs}->{kvs}", probs.astype(d_out.dtype), d_out_g)
+    d_probs = jnp.einsum(f"{qs},{kvs}->{ss}", d_out_g, v, preferred_element_type=jnp.float32)
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1).reshape(grouped[:-1])
+    row = jnp.einsum(f"{qs[:-1]}->{ss[:-1]}", row)  # to the scores' layout, without kv_len
+    d_scores = (probs * (d_probs - row[..., None]) * scale).astype(q.dtype)
+    dq = jnp.einsum(f"{ss},{kvs}->{qs}", d_scores, k).reshape(b, t, h, d)
+    dk = jnp.einsum(f"{ss},{qs}->{kvs}", d_scores, q.reshape(grouped))
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
