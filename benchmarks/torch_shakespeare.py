@@ -123,6 +123,29 @@ def get_batch(data: torch.Tensor, batch_size: int, seq_len: int,
     return win[:, :-1], win[:, 1:]
 
 
+def build(vocab: int, seq_len: int) -> tuple[GPT, torch.optim.AdamW]:
+    """The model and its AdamW (weight decay on 2-D weights only)."""
+    model = GPT(vocab, seq_len)
+    decay = [p for p in model.parameters() if p.dim() == 2]
+    no_decay = [p for p in model.parameters() if p.dim() != 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=PEAK_LR, betas=BETAS, eps=EPS)
+    return model, opt
+
+
+def train_step(model: GPT, opt: torch.optim.AdamW, x: torch.Tensor, y: torch.Tensor, lr: float) -> float:
+    """One AdamW step at learning rate ``lr`` with gradient clipping; returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss = model(x, y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    opt.step()
+    return loss.item()
+
+
 def run(steps: int = 2000, batch_size: int = 12, seq_len: int = 64,
         eval_batches: int = 100, seed: int = 0, threads: int | None = None) -> dict:
     """Train the baseline on CPU and return timing and loss metrics."""
@@ -138,27 +161,14 @@ def run(steps: int = 2000, batch_size: int = 12, seq_len: int = 64,
     split = int(0.9 * len(data))
     train_data, val_data = data[:split], data[split:]
 
-    model = GPT(len(chars), seq_len)
-    decay = [p for p in model.parameters() if p.dim() == 2]
-    no_decay = [p for p in model.parameters() if p.dim() != 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=PEAK_LR, betas=BETAS, eps=EPS)
+    model, opt = build(len(chars), seq_len)
 
     step_times: list[float] = []
     loss_val = float("nan")
     t_train = time.perf_counter()
     for step in range(steps):
         ts = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps)
-        x, y = get_batch(train_data, batch_size, seq_len, gen)
-        loss = model(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        opt.step()
-        loss_val = loss.item()
+        loss_val = train_step(model, opt, *get_batch(train_data, batch_size, seq_len, gen), lr_at(step, steps))
         step_times.append(time.perf_counter() - ts)
     train_s = time.perf_counter() - t_train
 
