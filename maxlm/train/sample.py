@@ -77,11 +77,12 @@ class TextSampler:
 
 
 def _replica_device(params):
-    """The lowest-id local device when every leaf is replicated over several devices, else None."""
+    """The lowest-id local device when every leaf is replicated over the same several devices, else None."""
     shardings = [getattr(leaf, "sharding", None) for leaf in jax.tree.leaves(params)]
     if not shardings or not all(s is not None and s.is_fully_replicated for s in shardings):
         return None
-    if len(shardings[0].device_set) == 1:
+    devices = shardings[0].device_set
+    if len(devices) == 1 or any(s.device_set != devices for s in shardings):
         return None
     return min(shardings[0].addressable_devices, key=lambda d: d.id)
 
