@@ -7,7 +7,8 @@ it: this VM's speed drifts by tens of percent over minutes.
     python benchmarks/shakespeare_vs_torch.py [--steps 2000] [--repeats 3] [--out benchmarks/results/shakespeare_cpu.md]
 
 ``--repeats N`` runs N such rounds, each on a fresh compile cache, and ends with every round's ratios and
-their median: one round is at the mercy of the VM's drift.
+their median: one round is at the mercy of the VM's drift. ``shakespeare_step_vs_torch.py`` compares the
+train steps alone, alternating inside one process.
 
 maxlm: ``launch/train.py --config=configs/shakespeare_char.py`` (wall time includes start-up, tokenizer
 training, compilation and the final eval/sample), run twice on one fresh XLA compilation cache: ``cold`` is a
