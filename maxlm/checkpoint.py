@@ -29,6 +29,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from maxlm import sharding
 from maxlm.train.events import log_event
 
 PyTree = Any
@@ -256,9 +257,7 @@ def read_state(workdir: str | os.PathLike, step: int | None = None) -> PyTree:
     state_dir = root / str(steps[-1] if step is None else step) / "state"
     handler = ocp.PyTreeCheckpointHandler()
     try:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              handler.metadata(state_dir).tree)
+        target = sharding.on_device(handler.metadata(state_dir).tree)
         state = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target)))
     finally:

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from maxlm import sharding
 from maxlm.checkpoint import load_params
 from maxlm.data.tokenizer import Tokenizer
 from maxlm.models import Model, build_model
@@ -53,18 +54,13 @@ def checkpoint_dir(workdir: str, step: int | None = None) -> str:
     return os.path.join(root, str(steps[-1] if step is None else step))
 
 
-def _on_one_device(tree):
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
-
-
 def _merge_adapters(params, config, checkpoint: str):
     """``params`` with the adapters of a LoRA run's checkpoint folded in."""
     cfg = lora_lib.LoraConfig.from_config(config.lora)
     if cfg.quantize_base:  # the base the adapters were trained on: int8-rounded
         params = lora_lib.dequantize(lora_lib.quantize_int8(params, cfg))
     abstract = jax.eval_shape(lambda rng: lora_lib.init_lora(rng, params, cfg), jax.random.key(0))
-    return lora_lib.merge(params, load_params(checkpoint, _on_one_device(abstract)), cfg)
+    return lora_lib.merge(params, load_params(checkpoint, sharding.on_device(abstract)), cfg)
 
 
 def load_workdir(workdir: str, *, step: int | None = None, lora_workdir: str | None = None) -> Pretrained:
@@ -74,7 +70,7 @@ def load_workdir(workdir: str, *, step: int | None = None, lora_workdir: str | N
     rules = tuple(tuple(r) for r in config.mesh.rules)
     model = build_model(ModelConfig.from_config(config.model, tokenizer.vocab_size), rules)
     checkpoint = checkpoint_dir(workdir, step)
-    abstract = _on_one_device(model.abstract_params())
+    abstract = sharding.on_device(model.abstract_params())
     if config.lora.rank:
         # the base the run trained on: train/loop.py loads init_from, or step.init_frozen's seeded init
         base = (load_params(config.init_from, abstract) if config.init_from

@@ -145,6 +145,13 @@ def named_shardings(mesh: Mesh, specs):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
 
 
+def on_device(tree, device: jax.Device | None = None):
+    """``tree``'s leaves (anything with ``shape`` and ``dtype``) as ``jax.ShapeDtypeStruct`` on ``device``
+    alone (default: the first device): restore targets and one-device compiles."""
+    single = jax.sharding.SingleDeviceSharding(device or jax.devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=single), tree)
+
+
 def batch_spec(rules: Rules) -> P:
     """Spec of a [batch, seq] data array."""
     return logical_to_spec(("activation_batch", "activation_length"), rules)

@@ -60,9 +60,7 @@ class TextSampler:
         """Compiles for params of these shapes and shardings (``jax.ShapeDtypeStruct`` leaves)."""
         device = _replica_device(abstract_params)
         if device is not None:
-            abstract_params = jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.SingleDeviceSharding(device)),
-                abstract_params)
+            abstract_params = sharding.on_device(abstract_params, device)
         with _on(device):
             self._generate.lower(abstract_params, self._buffer).compile()
 
