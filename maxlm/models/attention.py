@@ -76,15 +76,15 @@ def _xla_attention_backward(scale, residuals, d_out):
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
     qs, kvs, ss = _subscripts(h // kv_heads)
-    grouped = (b, t, kv_heads, h // kv_heads, d) if len(qs) == 5 else q.shape
-    d_out_g = d_out.reshape(grouped)
+    grouped_shape = (b, t, kv_heads, h // kv_heads, d) if len(qs) == 5 else q.shape
+    d_out_g = d_out.reshape(grouped_shape)
     dv = jnp.einsum(f"{ss},{qs}->{kvs}", probs.astype(d_out.dtype), d_out_g)
     d_probs = jnp.einsum(f"{qs},{kvs}->{ss}", d_out_g, v, preferred_element_type=jnp.float32)
-    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1).reshape(grouped[:-1])
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), -1).reshape(grouped_shape[:-1])
     row = jnp.einsum(f"{qs[:-1]}->{ss[:-1]}", row)  # to the scores' layout, without kv_len
     d_scores = (probs * (d_probs - row[..., None]) * scale).astype(q.dtype)
     dq = jnp.einsum(f"{ss},{kvs}->{qs}", d_scores, k).reshape(b, t, h, d)
-    dk = jnp.einsum(f"{ss},{qs}->{kvs}", d_scores, q.reshape(grouped))
+    dk = jnp.einsum(f"{ss},{qs}->{kvs}", d_scores, q.reshape(grouped_shape))
     return dq, dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
