@@ -13,7 +13,6 @@ cores. Both train on random windows of the corpus. Compilation and warm-up steps
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import sys
@@ -23,13 +22,6 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-
-def load_config():
-    spec = importlib.util.spec_from_file_location("shakespeare_char", os.path.join(ROOT, "configs", "shakespeare_char.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def maxlm_runner(config, corpus: np.ndarray, vocab: int, rng: np.random.Generator):
@@ -97,7 +89,9 @@ def main() -> None:
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
-    config = load_config()
+    from train_step import load_preset
+
+    config = load_preset("shakespeare_char")
     from maxlm import sharding
 
     sharding.use_cpu_devices(config.mesh.cpu_devices)  # before anything touches jax.devices()
