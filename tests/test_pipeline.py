@@ -46,6 +46,15 @@ def test_pretrain_windows_are_shifted_by_one():
     np.testing.assert_array_equal(batch["positions"], np.tile(np.arange(16), (4, 1)))
 
 
+def test_pretrain_batches_gathered_at_once_equal_rows_batched_one_by_one():
+    """pretrain_dataset makes each batch with one gather; mixtures batch pretrain_windows' rows one at a time."""
+    stream = np.arange(5000, dtype=np.int32)
+    for shard in ({"shard_index": 0, "shard_count": 1}, {"shard_index": 1, "shard_count": 2}):
+        gathered = P.pretrain_dataset(stream, None, seq_len=16, batch_size=4, seed=3, val_fraction=0.0, **shard)
+        by_row = P.batch_iterator(P.pretrain_windows(stream, 16), batch_size=4, seed=3, **shard)
+        assert_batches_equal(take(gathered, 200), take(by_row, 200))  # 200 batches: past the first epoch's end
+
+
 def test_pretrain_from_documents_with_eos(tmp_path):
     (tmp_path / "a.txt").write_text("abc")
     (tmp_path / "b.txt").write_text("de")
