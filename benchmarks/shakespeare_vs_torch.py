@@ -10,10 +10,13 @@ it: this VM's speed drifts by tens of percent over minutes.
 their median: one round is at the mercy of the VM's drift. ``shakespeare_step_vs_torch.py`` compares the
 train steps alone, alternating inside one process.
 
-maxlm: ``launch/train.py --config=configs/shakespeare_char.py`` (wall time includes start-up, tokenizer
-training, compilation and the final eval/sample), run twice on one fresh XLA compilation cache: ``cold`` is a
-first run, ``warm`` a rerun that finds its programs compiled. PyTorch: ``benchmarks/torch_shakespeare.py`` (needs the
-``hf`` extra for torch). Prints wall time, median step time, tokens/s and val loss with maxlm/torch ratios.
+maxlm: the README's main command, ``launch/train.py --config=configs/shakespeare_char.py`` (with ``--steps``
+other than the config's 2000, only the step count and warmup change). Its wall time includes start-up,
+compilation, the periodic evals and checkpoints and the final sample. It runs twice on one fresh XLA compilation
+cache: ``cold`` is a first run, ``warm`` a rerun that finds its programs compiled. PyTorch:
+``benchmarks/torch_shakespeare.py`` (needs the ``hf`` extra for torch) with the config's eval and checkpoint
+schedule (``train.eval_every``, ``train.eval_batches``, ``checkpoint.every_steps``), so both do the same work.
+Prints wall time, median step time, tokens/s and val loss with maxlm/torch ratios.
 """
 
 from __future__ import annotations
@@ -30,15 +33,21 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_maxlm(steps: int, eval_batches: int, cache_dir: str) -> dict:
+def job_config():
+    """The main job's config (``configs/shakespeare_char.py``)."""
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import shakespeare_char
+    return shakespeare_char.get_config()
+
+
+def run_maxlm(steps: int, cache_dir: str) -> dict:
+    overrides = [] if steps == job_config().train.steps else [
+        f"--config.train.steps={steps}", f"--config.train.warmup_steps={min(100, steps // 2)}"]
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
         subprocess.run(
             [sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config=configs/shakespeare_char.py",
-             f"--workdir={workdir}", f"--config.compile_cache_dir={cache_dir}",
-             f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
-             f"--config.train.eval_batches={eval_batches}", "--config.checkpoint.every_steps=0",
-             "--config.train.warmup_steps=" + str(min(100, steps // 2))],
+             f"--workdir={workdir}", f"--config.compile_cache_dir={cache_dir}", *overrides],
             check=True, cwd=ROOT, capture_output=True)
         wall = time.perf_counter() - start
         lines = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
@@ -48,9 +57,12 @@ def run_maxlm(steps: int, eval_batches: int, cache_dir: str) -> dict:
             "val_loss": [l["val_loss"] for l in lines if "val_loss" in l][-1]}
 
 
-def run_torch(steps: int, eval_batches: int) -> dict:
+def run_torch(steps: int) -> dict:
+    c = job_config()
+    schedule = dict(steps=steps, eval_batches=c.train.eval_batches, eval_every=c.train.eval_every,
+                    checkpoint_every=c.checkpoint.every_steps)
     code = (f"import json, sys; sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r}); "
-            f"import torch_shakespeare as t; print(json.dumps(t.run(steps={steps}, eval_batches={eval_batches})))")
+            f"import torch_shakespeare as t; print(json.dumps(t.run(**{schedule!r})))")
     start = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -61,7 +73,6 @@ def run_torch(steps: int, eval_batches: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--eval_batches", type=int, default=100)
     parser.add_argument("--out", default="")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of (maxlm cold, torch, maxlm warm, torch), each on a fresh compile cache")
@@ -69,10 +80,10 @@ def main() -> None:
     rounds = []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as cache_dir:  # cold: compiles everything; warm: a rerun, cache hits
-            cold = run_maxlm(args.steps, args.eval_batches, cache_dir)
-            torch_1 = run_torch(args.steps, args.eval_batches)
-            warm = run_maxlm(args.steps, args.eval_batches, cache_dir)
-            torch_2 = run_torch(args.steps, args.eval_batches)
+            cold = run_maxlm(args.steps, cache_dir)
+            torch_1 = run_torch(args.steps)
+            warm = run_maxlm(args.steps, cache_dir)
+            torch_2 = run_torch(args.steps)
         rounds.append((cold, torch_1, warm, torch_2))
         print(_round_table(*rounds[-1]), flush=True)
     text = (f"shakespeare_char, {args.steps} steps, batch 12 x 64, {os.cpu_count()} CPU cores, "

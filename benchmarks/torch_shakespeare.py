@@ -9,12 +9,14 @@ tokens/s can be compared like for like:
 * AdamW(1e-3, betas (0.9, 0.99), eps 1e-8, wd 0.1 on 2D weights only), 100 warmup
   steps then cosine decay to 1e-4, grad clip 1.0, batch 12, 2000 steps.
 * 90/10 train/val split of the char stream, uniformly sampled random windows.
-* At the end, like maxlm's job: 100 val batches, a final checkpoint (model + optimizer) and a 200-character sample
-  (temperature 0.8, a sliding 64-character window).
+* Like maxlm's job: every ``eval_every`` steps and at the end, the loss on the same 100 held-out val batches
+  (drawn once); every ``checkpoint_every`` steps and at the end, a checkpoint (model + optimizer); at the end, a
+  200-character sample (temperature 0.8, a sliding 64-character window). ``shakespeare_vs_torch.py`` passes the
+  schedule of ``configs/shakespeare_char.py``, so both sides do the same work.
 
 Usage::
 
-    python benchmarks/torch_shakespeare.py --steps 2000
+    python benchmarks/torch_shakespeare.py --steps 2000 [--eval_every 500 --checkpoint_every 500]
 """
 
 from __future__ import annotations
@@ -146,9 +148,21 @@ def train_step(model: GPT, opt: torch.optim.AdamW, x: torch.Tensor, y: torch.Ten
     return loss.item()
 
 
-def run(steps: int = 2000, batch_size: int = 12, seq_len: int = 64,
-        eval_batches: int = 100, seed: int = 0, threads: int | None = None) -> dict:
-    """Train the baseline on CPU and return timing and loss metrics."""
+@torch.no_grad()
+def evaluate(model: GPT, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The mean loss over ``batches``."""
+    model.eval()
+    loss = sum(model(x, y).item() for x, y in batches) / max(1, len(batches))
+    model.train()
+    return loss
+
+
+def run(steps: int = 2000, batch_size: int = 12, seq_len: int = 64, eval_batches: int = 100,
+        eval_every: int = 0, checkpoint_every: int = 0, seed: int = 0, threads: int | None = None) -> dict:
+    """Train the baseline on CPU and return timing and loss metrics.
+
+    ``eval_every``/``checkpoint_every`` (0: only at the end): the periodic eval and checkpoint of maxlm's job.
+    """
     t0 = time.perf_counter()
     torch.set_num_threads(threads or os.cpu_count() or 1)
     torch.manual_seed(seed)
@@ -162,33 +176,37 @@ def run(steps: int = 2000, batch_size: int = 12, seq_len: int = 64,
     train_data, val_data = data[:split], data[split:]
 
     model, opt = build(len(chars), seq_len)
+    val_gen = torch.Generator().manual_seed(seed + 1)  # its own stream: the train batches don't depend on evals
+    val_batches = [get_batch(val_data, batch_size, seq_len, val_gen) for _ in range(eval_batches)]
 
     step_times: list[float] = []
+    val_losses: dict[int, float] = {}
     loss_val = float("nan")
     t_train = time.perf_counter()
-    for step in range(steps):
-        ts = time.perf_counter()
-        loss_val = train_step(model, opt, *get_batch(train_data, batch_size, seq_len, gen), lr_at(step, steps))
-        step_times.append(time.perf_counter() - ts)
-    train_s = time.perf_counter() - t_train
-
-    model.eval()
-    with torch.no_grad():
-        val_loss = sum(model(*get_batch(val_data, batch_size, seq_len, gen)).item()
-                       for _ in range(eval_batches)) / max(1, eval_batches)
-    # what maxlm's job also does at the end: a final checkpoint and a 200-character sample
     with tempfile.TemporaryDirectory() as workdir:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": steps},
-                   os.path.join(workdir, "checkpoint.pt"))
+        for step in range(steps):
+            ts = time.perf_counter()
+            loss_val = train_step(model, opt, *get_batch(train_data, batch_size, seq_len, gen), lr_at(step, steps))
+            step_times.append(time.perf_counter() - ts)
+            done = step + 1
+            if eval_batches and ((eval_every and done % eval_every == 0) or done == steps):
+                val_losses[done] = evaluate(model, val_batches)
+            if (checkpoint_every and done % checkpoint_every == 0) or done == steps:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done},
+                           os.path.join(workdir, "checkpoint.pt"))
+    train_s = time.perf_counter() - t_train  # the steps, evals and checkpoints
+    model.eval()
     text = "".join(chars[i] for i in sample(model, [lut["\n"]], 200, seq_len, 0.8, gen))
     print(f"--- sample ---\n{text}\n--------------", flush=True)
 
+    step_time = statistics.median(step_times) if step_times else float("nan")
     return {
         "wall_s": time.perf_counter() - t0,
         "train_s": train_s,
-        "step_time_s": statistics.median(step_times) if step_times else float("nan"),
-        "tokens_per_sec": steps * batch_size * seq_len / train_s if train_s > 0 else float("nan"),
-        "val_loss": val_loss,
+        "step_time_s": step_time,
+        "tokens_per_sec": batch_size * seq_len / step_time,  # as maxlm's side: from the median step
+        "val_loss": val_losses.get(steps, float("nan")),
+        "val_losses": val_losses,
         "final_train_loss": loss_val,
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -200,10 +218,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch_size", type=int, default=12)
     parser.add_argument("--eval_batches", type=int, default=100)
+    parser.add_argument("--eval_every", type=int, default=0, help="steps between evals (0: only at the end)")
+    parser.add_argument("--checkpoint_every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
-    res = run(steps=args.steps, batch_size=args.batch_size,
-              eval_batches=args.eval_batches, threads=args.threads)
+    res = run(steps=args.steps, batch_size=args.batch_size, eval_batches=args.eval_batches,
+              eval_every=args.eval_every, checkpoint_every=args.checkpoint_every, threads=args.threads)
     print(json.dumps(res))
     for k, v in res.items():
         print(f"{k:>16}  {v:.4g}" if isinstance(v, float) else f"{k:>16}  {v}")
