@@ -33,15 +33,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def job_config():
-    """The main job's config (``configs/shakespeare_char.py``)."""
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import shakespeare_char
-    return shakespeare_char.get_config()
-
-
-def run_maxlm(steps: int, cache_dir: str) -> dict:
-    overrides = [] if steps == job_config().train.steps else [
+def run_maxlm(config, steps: int, cache_dir: str) -> dict:
+    overrides = [] if steps == config.train.steps else [
         f"--config.train.steps={steps}", f"--config.train.warmup_steps={min(100, steps // 2)}"]
     with tempfile.TemporaryDirectory() as workdir:
         start = time.perf_counter()
@@ -57,10 +50,10 @@ def run_maxlm(steps: int, cache_dir: str) -> dict:
             "val_loss": [l["val_loss"] for l in lines if "val_loss" in l][-1]}
 
 
-def run_torch(steps: int) -> dict:
-    c = job_config()
-    schedule = dict(steps=steps, eval_batches=c.train.eval_batches, eval_every=c.train.eval_every,
-                    checkpoint_every=c.checkpoint.every_steps)
+def run_torch(config, steps: int) -> dict:
+    """The torch reference with the job's eval and checkpoint schedule."""
+    schedule = dict(steps=steps, eval_batches=config.train.eval_batches, eval_every=config.train.eval_every,
+                    checkpoint_every=config.checkpoint.every_steps)
     code = (f"import json, sys; sys.path.insert(0, {os.path.join(ROOT, 'benchmarks')!r}); "
             f"import torch_shakespeare as t; print(json.dumps(t.run(**{schedule!r})))")
     start = time.perf_counter()
@@ -77,13 +70,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of (maxlm cold, torch, maxlm warm, torch), each on a fresh compile cache")
     args = parser.parse_args()
+    from train_step import load_preset
+
+    config = load_preset("shakespeare_char")
     rounds = []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as cache_dir:  # cold: compiles everything; warm: a rerun, cache hits
-            cold = run_maxlm(args.steps, cache_dir)
-            torch_1 = run_torch(args.steps)
-            warm = run_maxlm(args.steps, cache_dir)
-            torch_2 = run_torch(args.steps)
+            cold = run_maxlm(config, args.steps, cache_dir)
+            torch_1 = run_torch(config, args.steps)
+            warm = run_maxlm(config, args.steps, cache_dir)
+            torch_2 = run_torch(config, args.steps)
         rounds.append((cold, torch_1, warm, torch_2))
         print(_round_table(*rounds[-1]), flush=True)
     text = (f"shakespeare_char, {args.steps} steps, batch 12 x 64, {os.cpu_count()} CPU cores, "
