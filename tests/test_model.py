@@ -93,12 +93,15 @@ def test_dropout_uses_rng_and_is_off_without_it():
     assert not np.allclose(a, plain) and not np.allclose(a, b)
 
 
-def test_opt_init_scales_output_projections():
-    model, params = _model(num_layers=8, d_model=256, d_ff=1024, head_dim=64, init_std=0.006)
+@pytest.mark.parametrize("scale_residual_init", [True, False])
+def test_opt_init_scales_output_projections(scale_residual_init):
+    model, params = _model(num_layers=8, d_model=256, d_ff=1024, head_dim=64, init_std=0.006,
+                           scale_residual_init=scale_residual_init)
     std = lambda x: float(np.std(np.asarray(x)))
+    out_std = 0.006 / 4 if scale_residual_init else 0.006  # 1/sqrt(2 * num_layers)
     assert std(params["blocks"]["attn"]["wq"]) == pytest.approx(0.006, rel=0.05)
-    assert std(params["blocks"]["attn"]["wo"]) == pytest.approx(0.006 / 4, rel=0.05)
-    assert std(params["blocks"]["mlp"]["w_down"]) == pytest.approx(0.006 / 4, rel=0.05)
+    assert std(params["blocks"]["attn"]["wo"]) == pytest.approx(out_std, rel=0.05)
+    assert std(params["blocks"]["mlp"]["w_down"]) == pytest.approx(out_std, rel=0.05)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -124,6 +124,9 @@ def test_cluster_environments_and_distributed_config_errors(monkeypatch):
     config.distributed.update(coordinator_address="", process_id=1)
     with pytest.raises(ConfigError, match="need distributed.coordinator_address"):
         check_distributed(config)
+    config.distributed.update(num_processes=0, process_id=-1, cpu_collectives="nccl")
+    with pytest.raises(ConfigError, match="distributed.cpu_collectives='nccl' is not one of gloo, mpi"):
+        check_distributed(config)
 
 
 def test_logging_an_event_starts_no_jax_backend(tmp_path):
