@@ -86,6 +86,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_handlers=_item_handlers())
+        self._decision: tuple[int, bool] | None = None  # (step, whether the policies save it); see will_save
 
     def latest_step(self) -> int | None:
         return self._mgr.latest_step()
@@ -98,8 +99,18 @@ class Checkpointer:
         return self._mgr.reached_preemption(step)
 
     def will_save(self, step: int, force: bool = False) -> bool:
-        """Whether ``save(step, ..., force=force)`` would save: the step is new and a policy (or ``force``) says so."""
-        return step not in self._mgr.all_steps() and (force or self._mgr.should_save(step))
+        """Whether ``save(step, ..., force=force)`` will save: the step is new and a policy (or ``force``) says so.
+
+        The policies' answer for a step is decided once and kept: the time-based one reads the clock, and the
+        training loop checks a step's health exactly when it is about to be saved, so both must agree.
+        """
+        if step in self._mgr.all_steps():
+            return False
+        if force:
+            return True
+        if self._decision is None or self._decision[0] != step:
+            self._decision = (step, self._mgr.should_save(step))
+        return self._decision[1]
 
     def save(
         self,
@@ -123,7 +134,7 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         if config_json is not None:
             items["config"] = ocp.args.JsonSave(json.loads(config_json))
-        saved = self._mgr.save(step, args=ocp.args.Composite(**items), force=force)
+        saved = self._mgr.save(step, args=ocp.args.Composite(**items), force=True)  # decided by will_save
         if saved:
             self._event("checkpoint_save", step=step, forced=force)
         return saved

@@ -143,6 +143,19 @@ def test_time_policy(tmp_path, small):
     ckpt.close()
 
 
+def test_the_time_policy_decides_a_step_once(tmp_path, small):
+    """The loop checks a step's health when will_save says yes; save() must then agree, whatever the clock says."""
+    _, state = small
+    ckpt = Checkpointer(tmp_path, every_minutes=1 / 60, async_save=False)
+    assert ckpt.save(1, state)
+    assert not ckpt.will_save(2)  # unchecked: it must not be saved later
+    time.sleep(1.1)
+    assert not ckpt.save(2, state)
+    assert ckpt.will_save(3) and ckpt.save(3, state)
+    assert ckpt.all_steps() == [1, 3]
+    ckpt.close()
+
+
 # Orbax/TensorStore may leave a callback on a closed event loop after a failed read.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", ["truncate", "delete"])

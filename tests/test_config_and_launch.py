@@ -192,3 +192,22 @@ def test_compile_cache_dir_receives_the_compiled_programs(tmp_path):
                      "--config.sample.num_tokens=0")
     assert result.returncode == 0, result.stderr[-2000:]
     assert any("train_step" in p.name for p in cache.iterdir())
+
+
+def test_the_last_step_is_saved_even_while_a_spike_is_unconfirmed(tmp_path):
+    """Mid-run, a step under a suspected loss spike is not checkpointed; the last step always is."""
+    config = tiny_config()
+    config.train.update(steps=8, log_every=2, eval_batches=0)
+    config.train.divergence.update(window=4, spike_sigma=-1000.0, spike_patience=100)  # every step past 2 "spikes"
+    config.checkpoint.update(every_steps=2, async_save=False)
+    config.sample.num_tokens = 0
+    train(config, str(tmp_path))
+    assert sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit()) == [2, 8]
+
+
+def test_too_little_data_for_the_batch_shape_is_one_line_naming_the_settings(tmp_path):
+    result = _launch("--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.data.val_fraction=0.0005",
+                     "--config.train.batch_size=64")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "give no full batch of 64 rows" in result.stderr and "data.val_fraction=0.0005" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -116,6 +116,24 @@ def train(config, workdir: str) -> dict:
         return _train(config, workdir, ckpt, watcher)
 
 
+def _make_data(config, workdir: str) -> train_data.TrainData:
+    """The run's data, with a first val batch made: too little data for the batch shape (or an empty corpus, a
+    bad record) is a ConfigError naming the settings involved, before anything compiles."""
+    t, d = config.train, config.data
+    split = (f"data.source={d.source!r}, data.val_fraction={d.val_fraction}, train.batch_size={t.batch_size}, "
+             f"train.seq_len={t.seq_len}")
+    try:
+        data = train_data.make_data(config, workdir)
+        no_val = t.eval_batches and next(iter(data.val_batches()), None) is None
+    except ValueError as e:
+        raise config_lib.ConfigError(f"{e} ({split})") from None
+    if no_val:
+        raise config_lib.ConfigError(
+            f"the validation split (data.val_fraction={d.val_fraction}) does not fill one batch of "
+            f"train.batch_size={t.batch_size} rows: raise data.val_fraction or lower train.batch_size")
+    return data
+
+
 def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher) -> dict:
     is_primary = jax.process_index() == 0
     rules = tuple(tuple(r) for r in config.mesh.rules)
@@ -123,11 +141,7 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
     mesh = sharding.make_mesh(m.data, m.fsdp, m.tensor, dcn=(m.dcn_data, m.dcn_fsdp, m.dcn_tensor))
     t = config.train
 
-    data = train_data.make_data(config, workdir)
-    if t.eval_batches and next(iter(data.val_batches()), None) is None:
-        raise config_lib.ConfigError(
-            f"the validation split (data.val_fraction={config.data.val_fraction}) does not fill one batch of "
-            f"train.batch_size={t.batch_size} rows: raise data.val_fraction or lower train.batch_size")
+    data = _make_data(config, workdir)
     if config.model.vocab_size and config.model.vocab_size < data.tokenizer.vocab_size:
         raise config_lib.ConfigError(f"model.vocab_size={config.model.vocab_size} but the tokenizer "
                                      f"{data.tokenizer.path} has {data.tokenizer.vocab_size} pieces "
@@ -268,7 +282,9 @@ def _train(config, workdir: str, ckpt: Checkpointer, watcher: PreemptionWatcher)
                 writer.write(done, val)
                 last.update(val)
                 interval_start, interval_steps = time.perf_counter(), 0
-            if not (guard and guard.suspect):
+            if guard and guard.suspect and done == t.steps:  # checked healthy, but maybe a spike starting
+                logging.warning("saving the last step %d although its loss is above the spike threshold", done)
+            if not (guard and guard.suspect) or done == t.steps:
                 ckpt.save(done, state, data_iterator=data.train, config_json=config_json, force=done == t.steps)
             if watcher.should_stop(done):
                 if guard and _first_unhealthy(guard, unchecked):  # never save a diverged state
@@ -334,7 +350,7 @@ def _roll_back(reason, bad_step, guard, ckpt, layout, data, fresh_state, workdir
     """Restores the last good checkpoint (or the initial state), skips the data since, scales lr/clip."""
     log_event(workdir, "divergence_detected", step=bad_step, reason=reason)
     guard.reset_after_rollback()  # raises DivergenceError past max_rollbacks
-    restored = ckpt.restore(layout.abstract, data_iterator=data.train)
+    restored = ckpt.restore(layout.abstract, data_iterator=data.train, step=bad_step - 1)
     if restored:
         state, good_step = restored
         for _ in range(bad_step - good_step):
