@@ -9,6 +9,7 @@ import pytest
 
 from maxlm import sharding
 from maxlm.models import build_model
+from maxlm.models.lora import LoraConfig, init_lora
 from maxlm.models.transformer import ModelConfig
 from maxlm.train.objectives import make_objective
 from maxlm.train.optimizer import decay_mask, lr_schedule, make_optimizer
@@ -129,6 +130,9 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
     assert not mask["blocks"]["attn"]["bq"] and not mask["blocks"]["attn_norm"]["scale"]
     assert not mask["embed"] and not mask["pos_embed"] and not mask["final_norm"]["bias"]
     assert decay_mask(model.abstract_params(), decay_embeddings=True)["embed"]
+    adapters = jax.eval_shape(lambda: init_lora(jax.random.key(0), model.abstract_params(),
+                                                LoraConfig(rank=2, alpha=4.0, targets="attn/w[qv]|lm_head")))
+    assert all(jax.tree.leaves(decay_mask(adapters, decay_embeddings=False)))  # LoRA's A and B are matrices
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])

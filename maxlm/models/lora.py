@@ -49,7 +49,7 @@ def _path(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def _split(path: str, shape) -> tuple[int, int]:
+def _split(path: str) -> tuple[int, int]:
     """(index where the input axes start, index where the output axes start)."""
     name = path.rsplit("/", 1)[-1]
     if name not in _INPUT_AXES:
@@ -76,7 +76,7 @@ def init_lora(rng: jax.Array, abstract_params: Params, cfg: LoraConfig) -> Param
     adapters = {}
     for i, path in enumerate(target_paths(abstract_params, cfg)):
         shape = shapes[path].shape
-        start, out = _split(path, shape)
+        start, out = _split(path)
         fan_in = math.prod(shape[start:out])
         a = jax.random.normal(jax.random.fold_in(rng, i), (*shape[:out], cfg.rank), jnp.float32) / math.sqrt(fan_in)
         adapters[path] = {"a": a, "b": jnp.zeros((*shape[:start], cfg.rank, *shape[out:]), jnp.float32)}
@@ -89,14 +89,14 @@ def lora_specs(param_specs: Params, cfg: LoraConfig, abstract_params: Params) ->
     out = {}
     for path in target_paths(abstract_params, cfg):
         spec = tuple(specs[path]) + (None,) * (len(shapes[path].shape) - len(specs[path]))
-        start, split = _split(path, shapes[path].shape)
+        start, split = _split(path)
         out[path] = {"a": P(*spec[:split], None), "b": P(*spec[:start], None, *spec[split:])}
     return out
 
 
 def delta(path: str, adapter: Params, shape, scale: float) -> jax.Array:
     """``scale · A @ B`` reshaped to the weight's shape."""
-    start, split = _split(path, shape)
+    start, split = _split(path)
     lead = math.prod(shape[:start])
     a = adapter["a"].reshape(lead, math.prod(shape[start:split]), -1)
     b = adapter["b"].reshape(lead, a.shape[-1], math.prod(shape[split:]))
@@ -165,7 +165,7 @@ def with_dropout(params: Params, adapters: Params, cfg: LoraConfig, rng: jax.Arr
         key = _path(path)
         if key not in adapters:
             return w
-        start, _ = _split(key, w.shape)
+        start, _ = _split(key)
         lead = w.shape[:start]
         keys = jax.random.split(jax.random.fold_in(rng, order[key]), math.prod(lead))
         return LowRankUpdate(w, adapters[key]["a"], adapters[key]["b"],
@@ -187,7 +187,7 @@ def quantize_int8(params: Params, cfg: LoraConfig) -> Params:
         key = _path(path)
         if key not in targets:
             return w
-        start, split = _split(key, w.shape)
+        start, split = _split(key)
         w = w.astype(jnp.float32)
         scale = jnp.max(jnp.abs(w), axis=tuple(range(start, split)), keepdims=True) / 127.0
         scale = jnp.where(scale > 0, scale, 1.0)

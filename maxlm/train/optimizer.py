@@ -28,10 +28,12 @@ def lr_schedule(t) -> optax.Schedule:
 
 
 def decay_mask(params, decay_embeddings: bool):
-    """Weight decay on weight matrices (``w*``, ``lm_head``) only: not norms, biases or, by default, embeddings."""
+    """Weight decay on weight matrices (``w*``, ``lm_head``, LoRA's ``a``/``b``) only: not norms, biases or, by
+    default, embeddings."""
     def wants_decay(path, _) -> bool:
         name = getattr(path[-1], "key", "")
-        return name.startswith("w") or name == "lm_head" or (decay_embeddings and name in EMBEDDING_PARAMS)
+        return (name.startswith("w") or name in ("lm_head", "a", "b")
+                or (decay_embeddings and name in EMBEDDING_PARAMS))
     return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
