@@ -3,8 +3,8 @@
 ``load_workdir(WORKDIR)`` reads what ``train`` wrote: ``WORKDIR/config.json`` (the model shape and
 tokenizer), the tokenizer (a ``.model`` path, or the cached character model under the data cache
 dir) and the params of the latest (or a given) checkpoint, on one device. A LoRA run's checkpoint
-holds only adapters: they are folded into its base (``init_from``, else the seeded random base the
-run trained on). ``lora_workdir`` folds the adapters of another LoRA run into the loaded params.
+holds only adapters: they are folded into the base the run trained on (``init_from``, ``init_from_hf``,
+else the seeded random base). ``lora_workdir`` folds the adapters of another LoRA run into the loaded params.
 """
 
 from __future__ import annotations
@@ -63,6 +63,17 @@ def _merge_adapters(params, config, checkpoint: str):
     return lora_lib.merge(params, load_params(checkpoint, sharding.on_device(abstract)), cfg)
 
 
+def _lora_base(model: Model, config: ml_collections.ConfigDict, abstract):
+    """The frozen base of a LoRA run as train/loop.py made it: init_from, init_from_hf, else the seeded init."""
+    if config.init_from:
+        return load_params(config.init_from, abstract)
+    if config.init_from_hf:
+        from maxlm.convert import hf  # needs the optional safetensors
+        one_device = sharding.make_mesh(1, 1, 1, jax.devices()[:1])
+        return hf.load_hf(config.init_from_hf, mesh=one_device, model=model)[1]
+    return jax.jit(model.init)(jax.random.split(jax.random.key(config.seed))[0])  # as step.init_frozen
+
+
 def load_workdir(workdir: str, *, step: int | None = None, lora_workdir: str | None = None) -> Pretrained:
     """The model, params and tokenizer of a maxlm run (see the module docstring)."""
     config = read_run_config(workdir)
@@ -72,10 +83,7 @@ def load_workdir(workdir: str, *, step: int | None = None, lora_workdir: str | N
     checkpoint = checkpoint_dir(workdir, step)
     abstract = sharding.on_device(model.abstract_params())
     if config.lora.rank:
-        # the base the run trained on: train/loop.py loads init_from, or step.init_frozen's seeded init
-        base = (load_params(config.init_from, abstract) if config.init_from
-                else jax.jit(model.init)(jax.random.split(jax.random.key(config.seed))[0]))
-        params = _merge_adapters(base, config, checkpoint)
+        params = _merge_adapters(_lora_base(model, config, abstract), config, checkpoint)
     else:
         params = load_params(checkpoint, abstract)
     if lora_workdir:

@@ -216,6 +216,35 @@ def test_workdir_round_trip_keeps_config_and_tokenizer(hf_models, tmp_path):
     assert (tmp_path / "back" / "tokenizer.json").read_text() == "{}"
 
 
+def test_export_of_a_run_from_a_checkpoint_dir_keeps_the_hf_files(hf_models, tmp_path):
+    directory, _ = hf_models("gpt2")
+    (directory / "tokenizer.json").write_text("{}")
+    workdir.hf_to_workdir(directory, tmp_path / "base")
+    workdir.hf_to_workdir(directory, tmp_path / "run")  # stands in for a run started from base's step 0
+    for f in (tmp_path / "run" / "hf").iterdir():
+        f.unlink()
+    (tmp_path / "run" / "hf").rmdir()
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["init_from"] = str(tmp_path / "base" / "checkpoints" / "0")
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    workdir.workdir_to_hf(tmp_path / "run", tmp_path / "back")
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["bos_token_id"] == 1
+    assert (tmp_path / "back" / "tokenizer.json").read_text() == "{}"
+
+
+def test_mistral_without_window_exports_no_window():
+    cfg = hf.model_config(hf.model_overrides(dict(_LLAMA_JSON, model_type="mistral")))
+    out = hf.hf_config(cfg, "mistral")
+    assert "sliding_window" in out and out["sliding_window"] is None
+    assert transformers.MistralConfig.from_dict(out).sliding_window is None  # not its default of 4096
+
+
+def test_export_refuses_a_reward_model():
+    cfg = hf.model_config(hf.model_overrides(dict(_LLAMA_JSON)), value_head=True)
+    with pytest.raises(hf.UnsupportedHFError, match="value_head"):
+        hf.hf_config(cfg)
+
+
 # ---------------------------------------------------------------- clear errors
 
 
@@ -319,6 +348,7 @@ def test_train_init_from_hf_starts_from_the_hf_weights_and_tokenizer(hf_models, 
     from tests.helpers import tiny_config
 
     hf_dir, _ = _gpt2_with_tokenizer(hf_models, tmp_path)
+    (hf_dir / "generation_config.json").write_text('{"bos_token_id": 1, "eos_token_id": 2}')
 
     config = tiny_config()
     config.init_from_hf = str(hf_dir)
@@ -334,6 +364,13 @@ def test_train_init_from_hf_starts_from_the_hf_weights_and_tokenizer(hf_models, 
     trained = load_params(str(tmp_path / "run"), model.abstract_params())
     diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), trained, imported)
     assert max(jax.tree.leaves(diffs)) < 1e-4  # two steps at lr 1e-6 from the HF weights, not a fresh init
+
+    # the export keeps the source's token ids, tokenizer and generation config (init_from_hf is the HF base)
+    workdir.workdir_to_hf(tmp_path / "run", tmp_path / "export")
+    exported = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert (exported["bos_token_id"], exported["eos_token_id"]) == (1, 2)
+    for name in ("tokenizer.model", "generation_config.json"):
+        assert (tmp_path / "export" / name).read_bytes() == (hf_dir / name).read_bytes(), name
 
 
 def test_train_init_from_hf_errors_name_the_directory(tmp_path):
@@ -359,3 +396,21 @@ def test_a_converted_hf_model_loads_for_generate_and_eval_with_its_logits(hf_mod
     with torch.no_grad():
         theirs = hf_model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
     assert np.max(np.abs(ours - theirs)) < 1e-4
+
+
+def test_a_lora_run_from_hf_loads_its_adapters_on_the_hf_weights(hf_models, tmp_path):
+    from maxlm.pretrained import load_workdir
+    from maxlm.train.loop import train
+    from tests.helpers import tiny_config
+
+    hf_dir, _ = _gpt2_with_tokenizer(hf_models, tmp_path)
+    config = tiny_config()
+    config.init_from_hf = str(hf_dir)
+    config.lora.rank = 4
+    config.train.update(steps=1, lr=1e-3, warmup_steps=0)
+    train(config, str(tmp_path / "lora"))
+    run = load_workdir(str(tmp_path / "lora"))
+    _, imported = hf.load_hf(hf_dir, mesh=_one_device())
+    diffs = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), run.params, imported)
+    assert diffs["embed"] == 0 and 0 < diffs["blocks"]["attn"]["wq"]  # the HF base, adapters folded in
+    assert max(jax.tree.leaves(diffs)) < 2e-2, diffs  # one small step from the HF weights, not a random base

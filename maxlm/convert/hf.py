@@ -3,7 +3,8 @@
 Architectures: Llama (1/2/3, rope scaling ``linear`` and ``llama3``, GQA, tied or not), Mistral (sliding
 window), Qwen2 (q/k/v biases), OPT (learned positions with offset 2, pre- and post-norm, the projected
 embeddings of 350m) and GPT-2 (Conv1D layout). A config field that would change the model and that maxlm
-cannot express, or one the converter does not know, raises :class:`UnsupportedHFError` naming it.
+cannot express, or one the converter does not know, raises :class:`UnsupportedHFError` naming it; so does
+exporting a maxlm model HF cannot express (e.g. a reward model's value head).
 
 Import reads one tensor at a time from the safetensors files (memory-mapped) and builds every device's
 shard of a parameter directly on the target mesh sharding. Export streams one layer's tensor at a time
@@ -228,6 +229,9 @@ def architecture(cfg: ModelConfig) -> str:
 
 def hf_config(cfg: ModelConfig, arch: str | None = None, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """The HF config.json of a maxlm model; ``base`` (e.g. the imported one) keeps its other fields (ids)."""
+    if cfg.value_head:
+        raise UnsupportedHFError("model.value_head=True (a reward model) has no Hugging Face CausalLM equivalent: "
+                                 "its scalar head would be dropped")
     arch = arch or architecture(cfg)
     if arch not in ARCHITECTURES:
         raise UnsupportedHFError(f"architecture {arch!r} is not supported (one of {', '.join(ARCHITECTURES)})")
@@ -262,7 +266,8 @@ def hf_config(cfg: ModelConfig, arch: str | None = None, base: dict[str, Any] | 
                                                 allow_unknown_fields=True))
     if problems:
         raise UnsupportedHFError(f"this maxlm model cannot be written as {arch}: {'; '.join(problems)}")
-    return {k: v for k, v in result.items() if v is not None or k == "rope_scaling"}
+    # sliding_window: None, else transformers' MistralConfig falls back to a 4096-token window
+    return {k: v for k, v in result.items() if v is not None or k in ("rope_scaling", "sliding_window")}
 
 
 def _rope_scaling(cfg: ModelConfig) -> dict[str, Any] | None:
@@ -414,7 +419,8 @@ def load_hf(
     The overrides are maxlm ``model`` config values (``config.model.update(overrides)``); the params are
     placed on ``mesh`` (default: every device, the default FSDP layout) with the model's shardings, in
     ``param_dtype``. Memory: one HF tensor plus the shards being built. ``model``: the already built
-    maxlm model of these overrides (``build_model`` cannot run inside ``jax.set_mesh``), else built here.
+    maxlm model of these overrides (``build_model`` cannot run inside ``jax.set_mesh``), else built here;
+    a given model's ``cfg.param_dtype`` wins over ``param_dtype``.
     """
     hf = read_hf_config(directory)
     overrides = model_overrides(hf, allow_unknown_fields=allow_unknown_fields)

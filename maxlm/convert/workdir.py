@@ -3,7 +3,8 @@
 ``hf_to_workdir`` writes ``WORKDIR/checkpoints/0/`` (state = ``{"params": ...}``), ``WORKDIR/config.json``
 (``base_config()`` with the imported model section) and ``WORKDIR/hf/`` (the HF config.json and tokenizer
 files, so an export keeps the token ids and tokenizer). ``workdir_to_hf`` exports the latest checkpoint of
-such a workdir, or of a training run started from it (found through its ``init_from``).
+such a workdir, or of a training run started from it (found through its ``init_from``, a workdir or one of
+its checkpoints) or from an HF directory (its ``init_from_hf``).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def workdir_to_hf(workdir: str | os.PathLike, hf_dir: str | os.PathLike, *, hf_b
     """Exports a workdir's latest params as an HF model directory; returns the weight file names.
 
     ``hf_base`` is an HF directory whose config.json fields (token ids ...) and tokenizer files are kept;
-    by default ``WORKDIR/hf``, or that of the workdir named by the run's ``init_from``.
+    by default ``WORKDIR/hf``, else the run's ``init_from_hf``, else that of the workdir its ``init_from`` names.
     """
     workdir = Path(workdir).absolute()
     config, cfg = read_model_config(workdir)
@@ -92,7 +93,23 @@ def workdir_to_hf(workdir: str | os.PathLike, hf_dir: str | os.PathLike, *, hf_b
 
 
 def _find_hf_base(workdir: Path, config: dict[str, Any]) -> Path | None:
-    for candidate in (workdir, Path(config.get("init_from") or workdir)):
-        if (candidate / HF_DIR / "config.json").is_file():
-            return candidate / HF_DIR
+    """``WORKDIR/hf``, else the HF directory the run started from: its ``init_from_hf``, or (following the
+    chain) that of the workdir its ``init_from`` names."""
+    seen: set[Path] = set()
+    while workdir not in seen:
+        seen.add(workdir)
+        hf_dirs = [workdir / HF_DIR, *([Path(config["init_from_hf"])] if config.get("init_from_hf") else [])]
+        found = next((d for d in hf_dirs if (d / "config.json").is_file()), None)
+        if found or not config.get("init_from"):
+            return found
+        workdir = _run_dir(Path(config["init_from"]).absolute())
+        path = workdir / "config.json"
+        config = json.loads(path.read_text()) if path.is_file() else {}
     return None
+
+
+def _run_dir(path: Path) -> Path:
+    """The workdir of an ``init_from``: the workdir itself, its ``checkpoints`` or a ``checkpoints/<step>``."""
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        path = path.parent
+    return path.parent if path.name == "checkpoints" else path
