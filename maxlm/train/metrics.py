@@ -8,6 +8,7 @@ device not in the table (e.g. CPUs) ``mfu`` is ``null``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -37,9 +38,10 @@ def _import_tensorboardx():
 
 SummaryWriter = _import_tensorboardx().SummaryWriter
 
-# device_kind substring -> peak dense bf16 FLOP/s per chip.
+# device_kind words -> peak dense bf16 FLOP/s per chip.
 PEAK_FLOPS = {
     "H200": 989e12,
+    "GH200": 989e12,
     "H100": 989e12,
     "A100": 312e12,
     "L4": 121e12,
@@ -49,6 +51,8 @@ PEAK_FLOPS = {
     "TPU v4": 275e12,
 }
 
+
+_TENSORBOARD_FILES = itertools.count()
 
 _CHATTY_LIBRARIES = ("orbax", "grain", "etils", "jax/_src")
 
@@ -61,8 +65,13 @@ def quiet_library_logs() -> None:
 
 
 def peak_flops(device: jax.Device) -> float | None:
-    kind = getattr(device, "device_kind", "")
-    return next((v for k, v in PEAK_FLOPS.items() if k in kind), None)
+    """The table's peak for the device's kind, matched on whole words ("L4" is not "L40S")."""
+    words = getattr(device, "device_kind", "").replace("-", " ").split()
+    return next((v for k, v in PEAK_FLOPS.items() if _contains_words(words, k.split())), None)
+
+
+def _contains_words(words: list[str], key: list[str]) -> bool:
+    return any(words[i:i + len(key)] == key for i in range(len(words) - len(key) + 1))
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -98,9 +107,17 @@ class MetricsWriter:
         if enabled:
             _drop_lines_after(path, start_step)
         self._jsonl = open(path, "a") if enabled else None
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard")) if enabled else None
+        self._tb_dir = os.path.join(workdir, "tensorboard")
+        self._tb = self._tensorboard(start_step) if enabled else None
         self._bar = tqdm(total=total_steps, initial=start_step, disable=not enabled, dynamic_ncols=True,
                          file=sys.stderr, mininterval=1.0, desc="train")
+
+    def _tensorboard(self, step: int) -> SummaryWriter:
+        """A TensorBoard writer whose first event tells TensorBoard to drop the events after ``step`` (a resume
+        or a rollback redoes them)."""
+        # a unique file name: tensorboardX truncates a same-named file made in the same second
+        return SummaryWriter(self._tb_dir, purge_step=step + 1 if step else None,
+                             filename_suffix=f".{os.getpid()}.{next(_TENSORBOARD_FILES)}")
 
     def write(self, step: int, metrics: dict[str, float | None]) -> None:
         if not self.enabled:
@@ -123,6 +140,8 @@ class MetricsWriter:
             self._jsonl.close()
             _drop_lines_after(self._jsonl.name, step)
             self._jsonl = open(self._jsonl.name, "a")
+            self._tb.close()
+            self._tb = self._tensorboard(step)
 
     def message(self, text: str) -> None:
         if self.enabled:
