@@ -70,7 +70,7 @@ def top_p_mask(logits, p: float):
     sorted_logits = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < p  # the top token is always kept
+    keep = (mass_before < p) | (jnp.arange(logits.shape[-1]) == 0)  # the top token is always kept
     threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     return jnp.where(logits >= threshold, logits, NEG_INF)
 
@@ -198,6 +198,8 @@ def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, padding: s
     """
     if padding not in ("left", "right"):
         raise ValueError(f"padding must be 'left' or 'right', got {padding!r}")
+    if len(prompts) == 0:
+        raise ValueError("no prompts: give at least one")
     lengths = np.array([len(p) for p in prompts], np.int32)
     if (lengths == 0).any():
         raise ValueError("every prompt needs at least one token")
@@ -208,6 +210,24 @@ def pad_prompts(prompts: Sequence[Sequence[int]], *, pad_id: int = 0, padding: s
     for i, p in enumerate(prompts):
         cols = slice(length - len(p), length) if padding == "left" else slice(0, len(p))
         tokens[i, cols], positions[i, cols], valid[i, cols] = p, np.arange(len(p)), True
+    return tokens, positions, valid, lengths
+
+
+def pad_request(model: Model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, pad_id: int,
+                padding: str = "left"):
+    """``pad_prompts`` after checking the request: ``max_new_tokens >= 0``, prompt and pad ids in the
+    vocabulary, the length limit (``check_length``)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    tokens, positions, valid, lengths = pad_prompts(prompts, pad_id=pad_id, padding=padding)
+    vocab = model.cfg.vocab_size
+    if not 0 <= pad_id < vocab:  # pad_id fills padding and finished rows, which still run through the model
+        raise ValueError(f"pad_id {pad_id} is outside the vocabulary [0, {vocab})")
+    bad = np.argwhere(valid & ((tokens < 0) | (tokens >= vocab)))
+    if len(bad):
+        row, col = bad[0]
+        raise ValueError(f"prompt {row} has token id {tokens[row, col]} outside the vocabulary [0, {vocab})")
+    check_length(model, tokens.shape[1], max_new_tokens)
     return tokens, positions, valid, lengths
 
 
@@ -280,6 +300,8 @@ def _decode_loop(next_logits, first_logits, model_state, tokens, positions, vali
     """The shared while_loop; ``next_logits(model_state, loop_state, slot, token, pos, ok)`` runs the model."""
     init = _initial_loop(first_logits, model_state, tokens, positions, valid, max_new_tokens=max_new_tokens,
                          pad_id=pad_id, keep_logits=keep_logits)
+    if max_new_tokens == 0:  # the loop body cannot even be traced against empty outputs
+        return init.out, init.out_logits, init.step
     step = functools.partial(_advance, next_logits=next_logits, lengths=lengths, rng=rng, prompt_len=prompt_len,
                              eos_id=eos_id, pad_id=pad_id, processors=processors, sampler=sampler,
                              keep_logits=keep_logits)
@@ -314,8 +336,9 @@ def decode_cached(model: Model, params, tokens, positions, valid, lengths, rng, 
                   keep_logits: bool = False):
     """Prefill + cached decode loop over a padded prompt batch ``[batch, prompt_len]``.
 
-    Returns new tokens ``[batch, max_new_tokens]`` (``pad_id`` after a row's eos), the logits each
-    token was chosen from (``[batch, max_new_tokens, vocab]`` if ``keep_logits``) and the steps run.
+    Returns new tokens ``[batch, max_new_tokens]`` (``pad_id`` after a row's eos), the model's raw
+    logits at each step, before the processors and the sampler (``[batch, max_new_tokens, vocab]`` if
+    ``keep_logits``), and the steps run.
     """
     b, prompt_len = tokens.shape
     cache = model.init_cache(b, prompt_len + max_new_tokens)
@@ -371,8 +394,7 @@ def stream(model: Model, params, prompts: Sequence[Sequence[int]], *, max_new_to
     The same prefill, step and sampling as ``generate`` (same seed, same tokens), but the loop runs on
     the host, one jitted step per token, so a caller can print tokens as they arrive.
     """
-    tokens, positions, valid, lengths = pad_prompts(prompts, pad_id=pad_id)
-    check_length(model, tokens.shape[1], max_new_tokens)
+    tokens, positions, valid, lengths = pad_request(model, prompts, max_new_tokens=max_new_tokens, pad_id=pad_id)
     chain = build_processors(eos_id=eos_id, repetition_penalty=repetition_penalty,
                              no_repeat_ngram=no_repeat_ngram, forbidden_ids=forbidden_ids,
                              min_new_tokens=min_new_tokens, processors=processors)
@@ -433,6 +455,8 @@ def beam_search(model: Model, params, tokens, positions, valid, lengths, *, num_
     Returns ``(sequences [batch, num_beams, max_new_tokens], scores [batch, num_beams])``, best first;
     sequences hold ``pad_id`` after eos.
     """
+    if max_new_tokens < 1:
+        raise ValueError(f"beam search needs max_new_tokens >= 1, got {max_new_tokens}")
     b, prompt_len = tokens.shape
     k, n = num_beams, max_new_tokens
     first, cache = prefill(model, params, tokens, positions, valid, model.init_cache(b, prompt_len + n))
@@ -513,8 +537,8 @@ def generate(model: Model, params, prompts: Sequence[Sequence[int]], *, max_new_
     if num_beams > 1 and (temperature or top_k or top_p < 1.0 or not use_cache):
         raise ValueError("num_beams > 1 is deterministic and cached: leave temperature=0, top_k=0, top_p=1, "
                          "use_cache=True")
-    tokens, positions, valid, lengths = pad_prompts(prompts, pad_id=pad_id, padding=padding)
-    check_length(model, int(lengths.max()), max_new_tokens)
+    tokens, positions, valid, lengths = pad_request(model, prompts, max_new_tokens=max_new_tokens, pad_id=pad_id,
+                                                    padding=padding)
     chain = build_processors(eos_id=eos_id, repetition_penalty=repetition_penalty,
                              no_repeat_ngram=no_repeat_ngram, forbidden_ids=forbidden_ids,
                              min_new_tokens=min_new_tokens, processors=processors)

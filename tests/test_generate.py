@@ -112,6 +112,45 @@ def test_top_k_and_top_p_keep_exactly_the_right_tokens():
     assert set(np.asarray(draws)[:, 0].tolist()) == {1, 3}
 
 
+def test_top_p_zero_keeps_only_the_top_token():
+    logits = jnp.log(jnp.asarray([[0.05, 0.4, 0.1, 0.3, 0.15]], jnp.float32))
+    for p in (0.0, -1.0, 1e-9):
+        assert np.flatnonzero(np.isfinite(np.asarray(G.top_p_mask(logits, p)))).tolist() == [1]
+    model, params = _model("llama_gqa")  # top_p -> 0 samples the greedy tokens
+    greedy = G.generate(model, params, PROMPTS, max_new_tokens=6)
+    assert G.generate(model, params, PROMPTS, max_new_tokens=6, temperature=1.0, top_p=0.0, seed=1) == greedy
+
+
+def test_prompt_ids_outside_the_vocabulary_are_an_error():
+    model, params = _model("llama_gqa")  # vocab_size 97
+    runs = (lambda prompts: G.generate(model, params, prompts, max_new_tokens=2),
+            lambda prompts: G.generate(model, params, prompts, max_new_tokens=2, num_beams=2),
+            lambda prompts: list(G.stream(model, params, prompts, max_new_tokens=2)))
+    for bad in (97, -1):
+        for run in runs:
+            with pytest.raises(ValueError, match=rf"prompt 1 has token id {bad} outside the vocabulary \[0, 97\)"):
+                run([[5, 6], [7, bad, 8]])
+    with pytest.raises(ValueError, match=r"pad_id 97 is outside the vocabulary \[0, 97\)"):
+        G.generate(model, params, PROMPTS, max_new_tokens=2, pad_id=97)  # it would fill the padding
+
+
+def test_bad_requests_are_clear_errors_and_zero_new_tokens_is_empty():
+    model, params = _model("llama_gqa")
+    for run in (lambda: G.generate(model, params, [], max_new_tokens=2),
+                lambda: list(G.stream(model, params, [], max_new_tokens=2))):
+        with pytest.raises(ValueError, match="no prompts"):
+            run()
+    for run in (lambda: G.generate(model, params, PROMPTS, max_new_tokens=-1),
+                lambda: list(G.stream(model, params, PROMPTS, max_new_tokens=-1))):
+        with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):
+            run()
+    with pytest.raises(ValueError, match="beam search needs max_new_tokens >= 1, got 0"):
+        G.generate(model, params, PROMPTS, max_new_tokens=0, num_beams=2)
+    assert G.generate(model, params, PROMPTS, max_new_tokens=0) == [[], [], []]
+    assert G.generate(model, params, PROMPTS, max_new_tokens=0, use_cache=False) == [[], [], []]
+    assert list(G.stream(model, params, PROMPTS, max_new_tokens=0)) == []
+
+
 def test_forbidden_tokens_never_appear_and_seeds_reproduce():
     model, params = _model("llama_gqa")
     greedy = G.generate(model, params, PROMPTS, max_new_tokens=10)
