@@ -104,9 +104,9 @@ def test_opt_init_scales_output_projections(scale_residual_init):
     assert std(params["blocks"]["mlp"]["w_down"]) == pytest.approx(out_std, rel=0.05)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(VARIANTS) + ["reward"])
 def test_num_params_matches_the_tree(variant):
-    model, _ = _model(**VARIANTS[variant])
+    model, _ = _model(**VARIANTS.get(variant, dict(value_head=True)))
     counted = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model.abstract_params()))
     assert model.cfg.num_params() == counted
 

@@ -41,9 +41,9 @@ class Model:
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)(tokens, positions, segment_ids, dropout_rng)
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+    def init_cache(self, batch: int, max_len: int) -> dict:
         """An empty KV cache for ``apply_cached`` (see ``transformer.init_cache``)."""
-        return init_cache(self.cfg, batch, max_len, dtype)
+        return init_cache(self.cfg, batch, max_len)
 
     def apply_cached(self, params: Params, tokens, positions, valid, cache: dict, index):
         """Float32 logits ``[batch, t, vocab]`` of a chunk run against ``cache``, and the new cache.

@@ -116,11 +116,11 @@ def resolve_implementation(impl: str, q_shape, kv_shape, dtype) -> str:
     return "pallas"
 
 
-def _pallas_attention(q, k, v, segment_ids, *, causal, sliding_window, scale, rules: Rules):
+def _pallas_attention(q, k, v, segment_ids, *, sliding_window, scale, rules: Rules):
     """Our Pallas flash kernel, run per shard under shard_map when a mesh is set."""
     from maxlm.kernels import flash_attention
 
-    kernel = functools.partial(flash_attention, causal=causal, sliding_window=sliding_window or None,
+    kernel = functools.partial(flash_attention, causal=True, sliding_window=sliding_window or None,
                                scale=scale)
     mesh = sharding.partitioned_mesh()
     if mesh is None or mesh.size == 1:
@@ -136,15 +136,20 @@ def _pallas_attention(q, k, v, segment_ids, *, causal, sliding_window, scale, ru
     )(q, k, v, segment_ids)
 
 
-def attention(q, k, v, *, segment_ids, positions, impl: str, causal: bool = True,
-              sliding_window: int = 0, rules: Rules = sharding.DEFAULT_RULES) -> jax.Array:
-    """Self-attention over one packed sequence batch (q, k, v share positions/segments)."""
+def attention(q, k, v, *, segment_ids, positions, impl: str, sliding_window: int = 0,
+              rules: Rules = sharding.DEFAULT_RULES) -> jax.Array:
+    """Causal self-attention over one packed sequence batch (q, k, v share positions/segments).
+
+    ``pallas`` masks by slot order, not by ``positions``: the same thing wherever positions step by one from
+    slot to slot inside a segment (packed or padded batches). With a sliding window and a gap of padding
+    inside a segment (``generate``'s uncached path over right-padded prompts) only ``xla`` windows by position.
+    """
     scale = q.shape[-1] ** -0.5
     impl = resolve_implementation(impl, q.shape, k.shape, q.dtype)
     if impl == "pallas":
-        return _pallas_attention(q, k, v, segment_ids, causal=causal, sliding_window=sliding_window,
+        return _pallas_attention(q, k, v, segment_ids, sliding_window=sliding_window,
                                  scale=scale, rules=rules)
-    mask = attention_mask(segment_ids, segment_ids, positions, positions, causal=causal,
+    mask = attention_mask(segment_ids, segment_ids, positions, positions, causal=True,
                           sliding_window=sliding_window)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, mask, scale=scale)

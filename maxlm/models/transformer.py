@@ -103,6 +103,7 @@ class ModelConfig:
         norm = (2 if self.norm == "layernorm" else 1) * d
         total = self.num_layers * (attn + mlp + 2 * norm) + (norm if self.norm_position == "pre" else 0)
         total += 2 * d * self.embed_width if self.projects_embeddings else 0
+        total += d if self.value_head else 0
         if include_embeddings:
             total += self.vocab_size * self.embed_width * (1 if self.tie_embeddings else 2)
             total += (self.max_seq_len + self.position_offset) * d if self.position == "learned" else 0
@@ -417,10 +418,9 @@ def _unstack_backward(_num_layers, _, layer_grads):
 unstack_layers.defvjp(_unstack_forward, _unstack_backward)
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int) -> dict:
     """An empty KV cache: ``k``/``v`` ``[layers, batch, max_len, kv_heads, head_dim]`` (compute dtype,
     only the kv heads under GQA/MQA), each slot's ``pos`` ``[batch, max_len]`` and ``valid`` mask."""
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    dtype = dtype or cfg.dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
+    return {"k": jnp.zeros(shape, cfg.dtype), "v": jnp.zeros(shape, cfg.dtype),
             "pos": jnp.zeros((batch, max_len), jnp.int32), "valid": jnp.zeros((batch, max_len), jnp.bool_)}
