@@ -22,8 +22,8 @@ from maxlm import evaluate
 from maxlm.checkpoint import CheckpointMismatchError
 from maxlm.data import preference, sft
 from maxlm.data.sources import BadRecordError, infer_spec, make_source
-from maxlm.pretrained import load_workdir
-from maxlm.train.data import read_records
+from maxlm.pretrained import load_workdir, read_run_config
+from maxlm.train.data import read_preference_records
 from maxlm.train.metrics import quiet_library_logs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A maxlm run directory (config.json + checkpoints/).")
@@ -61,12 +61,22 @@ def _letter_questions(path: str) -> tuple[list[evaluate.Question], list[evaluate
     return shots, questions
 
 
+def _preference_template() -> sft.ChatTemplate:
+    """The run's ``data.chat_template``, which renders the --preference pairs (``hf`` cannot)."""
+    name = read_run_config(_WORKDIR.value).data.chat_template
+    if name not in sft.TEMPLATES:
+        raise ValueError(f"--preference renders pairs with the run's chat template, which must be one of "
+                         f"{', '.join(sorted(sft.TEMPLATES))}: this run has data.chat_template={name}")
+    return sft.TEMPLATES[name]
+
+
 def run_tasks() -> dict:
     """Reads every input (so bad data fails before the model loads), then scores each task."""
     if not (_TEXT.value or _MC.value or _LETTER.value or _PREFERENCE.value):
         raise ValueError("nothing to evaluate: give --text, --mc, --letter or --preference")
-    fields = ("chosen", "rejected") if _PREFERENCE_FORMAT.value == "hh" else ("prompt", "chosen", "rejected")
-    preference_records = {spec: read_records(spec, "error", fields) for spec in _PREFERENCE.value}
+    preference_records = {spec: read_preference_records(spec, _PREFERENCE_FORMAT.value, "error")
+                          for spec in _PREFERENCE.value}
+    template = _preference_template() if preference_records else None
     sources = {spec: make_source(infer_spec(spec)) for spec in _TEXT.value}
     mc = {path: evaluate.read_choices(path) for path in _MC.value}
     letters = {path: _letter_questions(path) for path in _LETTER.value}
@@ -86,7 +96,7 @@ def run_tasks() -> dict:
     seq_len = _WINDOW.value or run.model.cfg.max_seq_len
     for spec, records in preference_records.items():
         pairs, _ = preference.records_to_pairs(
-            records[: _MAX_PAIRS.value or len(records)], run.tokenizer, sft.TEMPLATES[run.config.data.chat_template],
+            records[: _MAX_PAIRS.value or len(records)], run.tokenizer, template,
             preference_format=_PREFERENCE_FORMAT.value, seq_len=seq_len, max_prompt_len=(seq_len + 1) // 2,
             skip_bad=False, where=spec)
         tasks[f"preference:{spec}"] = evaluate.preference_accuracy(run.model, run.params, pairs,

@@ -157,7 +157,9 @@ def base_config() -> ConfigDict:
 
     # Test hooks for the fault-tolerance machinery.
     c.debug = ConfigDict(dict(
-        nan_at_steps=(),  # poison the loss with NaN at these steps (once per step per process)
+        # poison the loss mask with NaN at these 0-based steps (s: the batch of the step logged as s + 1), once
+        # per step per process; not for train.objective=reward, whose loss reads no loss mask
+        nan_at_steps=(),
     ))
 
     c.checkpoint = ConfigDict(dict(
@@ -173,6 +175,7 @@ def base_config() -> ConfigDict:
     c.lora = ConfigDict(dict(rank=0, alpha=16.0, targets=r"attn/w[qkvo]|mlp/w_(gate|up|down)", quantize_base=False,
                              dropout=0.0))  # dropout: on the input of the adapter branches, in training
 
+    # The text sampled at the end of training: num_tokens 0: none; temperature 0: greedy; top_k 0: off.
     c.sample = ConfigDict(dict(prompt="\n", num_tokens=200, temperature=0.8, top_k=0))
     return c
 
@@ -302,6 +305,12 @@ def validate(config: ConfigDict, num_devices: int) -> None:
     if config.lora.quantize_base and not config.lora.rank:
         raise ConfigError("lora.quantize_base stores the frozen LoRA base in int8: it needs lora.rank > 0")
     _validate_preference(config)
+    for key in ("sample.num_tokens", "sample.temperature", "sample.top_k"):
+        if _get(config, key) < 0:
+            raise ConfigError(f"{key}={_get(config, key)} must be >= 0")
+    if config.debug.nan_at_steps and t.objective == "reward":
+        raise ConfigError("debug.nan_at_steps poisons the loss mask, which train.objective=reward does not read: "
+                          "it would do nothing")
     c = config.checkpoint
     if c.every_steps < 0 or c.every_minutes < 0 or c.keep_last < 1 or c.keep_every < 0:
         raise ConfigError("checkpoint.every_steps/every_minutes/keep_every must be >= 0 and keep_last >= 1")

@@ -69,11 +69,17 @@ def test_evals_and_checkpoints_must_fall_between_calls_of_steps_per_call():
     ("mesh.dcn_fsdp", 3, "mesh.dcn_fsdp=3 must be >= 1 and divide mesh.fsdp=8"),
     ("train.eval_batches", -1, "train.eval_batches=-1 must be >= 0"),
     ("data.val_fraction", 0.0, "data.val_fraction=0.0 must be in"),
+    ("sample.top_k", -1, "sample.top_k=-1 must be >= 0"),
+    ("sample.temperature", -0.5, "sample.temperature=-0.5 must be >= 0"),
+    ("sample.num_tokens", -1, "sample.num_tokens=-1 must be >= 0"),
+    ("debug.nan_at_steps", (2,), "debug.nan_at_steps poisons the loss mask, which train.objective=reward"),
 ])
 def test_validation_names_the_key(key, value, needle):
     config = tiny_config()
     if key == "model.rope_high_freq_factor":
         config.model.rope_scaling = "llama3"
+    if key == "debug.nan_at_steps":
+        config.train.objective, config.model.value_head = "reward", True
     section, field = key.split(".")
     config[section][field] = value
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("*", r"\*")):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from maxlm import generate as G
+from maxlm.config import base_config, to_json
 from maxlm.pretrained import load_workdir
 from maxlm.train.loop import train
 from tests.helpers import tiny_config
@@ -76,6 +77,15 @@ def _check_eval(workdir, tmp_path):
     pairs = tasks["preference:builtin:hh_rlhf_harmless_test"]
     assert pairs["pairs"] == 6 and 0.0 <= pairs["accuracy"] <= 1.0 and math.isfinite(pairs["margin"])
     assert "bits_per_byte" in result.stdout and "accuracy_norm" in result.stdout
+    messages = tmp_path / "pairs.jsonl"  # the message-list records training accepts
+    messages.write_text("".join(json.dumps({
+        "prompt": [{"role": "user", "content": f"Who art thou, {i}?"}],
+        "chosen": [{"role": "assistant", "content": "A friend."}],
+        "rejected": [{"role": "assistant", "content": "None."}]}) + "\n" for i in range(3)))
+    result = _launch("eval.py", f"--workdir={workdir}", f"--preference=jsonl:{messages}", "--preference_format=pairs",
+                     f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    assert json.load(open(out))["tasks"][f"preference:jsonl:{messages}"]["pairs"] == 3
 
 
 def _check_lora(workdir, tmp_path):
@@ -106,3 +116,15 @@ def test_bad_input_is_one_line_and_exit_2_before_loading_a_model(tmp_path, app, 
     result = _launch(app, f"--workdir={tmp_path}/no_such_run", *[f.format(bad=bad) for f in flags])
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_preference_eval_of_a_run_with_the_hf_chat_template_is_one_line_before_loading(tmp_path):
+    config = base_config()
+    config.data.chat_template = "hf"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(to_json(config))
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    result = _launch("eval.py", f"--workdir={tmp_path}/run", f"--preference=jsonl:{pairs}", "--preference_format=pairs")
+    assert result.returncode == 2
+    assert "data.chat_template=hf" in result.stderr and "Traceback" not in result.stderr

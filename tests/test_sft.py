@@ -10,10 +10,11 @@ import pytest
 from maxlm.config import validate
 from maxlm.data import sft
 from maxlm.data.pipeline import packed_dataset
+from maxlm.data.sources import BadRecordError
 from maxlm.data.tokenizer import get_or_train_default_tokenizer
 from maxlm.models import build_model
 from maxlm.models.transformer import ModelConfig
-from maxlm.train.data import get_tokenizer
+from maxlm.train.data import get_tokenizer, make_data, read_sft_records
 from maxlm.train.loop import train
 from maxlm.train.objectives import next_token_objective
 from tests.helpers import preset_config, tiny_config
@@ -131,3 +132,44 @@ def test_eval_batches_0_trains_on_every_record_and_never_evaluates(tmp_path):
     lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert [r["step"] for r in lines] == [1, 2, 3] and not any("val_loss" in r for r in lines)
     assert np.isfinite(last["loss"]) and "val_loss" not in last
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return f"jsonl:{path}"
+
+
+@pytest.mark.parametrize("objective,formats,record", [
+    ("sft", dict(sft_format="chat"), {"messages": [{"role": "user", "content": "Qué tal?"},
+                                                   {"role": "assistant", "content": "Très bien!"}]}),
+    ("sft", dict(sft_format="instruction"), {"instruction": "Qué tal?", "output": "Très bien!"}),
+    ("dpo", dict(preference_format="pairs"), {"prompt": "Qué tal?", "rejected": "Non.",
+                                              "chosen": [{"role": "assistant", "content": "Très bien!"}]}),
+])
+def test_a_char_tokenizer_learns_the_messages_of_records_without_a_text_field(tmp_path, objective, formats, record):
+    config = tiny_config()
+    config.train.update(objective=objective, batch_size=2)
+    config.data.update(source=_write_jsonl(tmp_path / "records.jsonl", [record] * 10), truncate=True, **formats)
+    data = make_data(config, str(tmp_path))
+    pieces = {data.tokenizer.id_to_piece(i) for i in range(data.tokenizer.vocab_size)}
+    assert set("Trèsbien!") <= pieces and ("Q" in pieces) == (objective == "sft")  # pairs: the chosen completions
+    assert next(data.train)["tokens"].shape[0] == 2
+
+
+def test_bad_sft_dialogues_are_named_or_skipped_as_data_on_bad_record_says(tmp_path):
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    bad = [{"messages": [{"role": "bot", "content": "x"}]}, {"messages": [{"role": "user", "content": "Hi"}]},
+           {"messages": "Hi"}]
+    config = tiny_config()
+    config.train.update(objective="sft", batch_size=2)
+    config.data.update(source=_write_jsonl(tmp_path / "chat.jsonl", [good, *bad] + [good] * 8), sft_format="chat",
+                       tokenizer_text="builtin:tinyshakespeare", truncate=True)
+    with pytest.raises(BadRecordError, match=r"chat.jsonl record 1: unknown chat roles \['bot'\].*"
+                                             "set data.on_bad_record=skip"):
+        make_data(config, str(tmp_path))
+    config.data.on_bad_record = "skip"
+    assert read_sft_records(config.data.source, config.data) == [good] * 9
+    assert next(make_data(config, str(tmp_path)).train)["tokens"].shape[0] == 2
+    config.data.update(sft_format="hh", source=_write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "not a dialogue"}]))
+    with pytest.raises(ValueError, match="hh.jsonl: no usable SFT records"):
+        read_sft_records(config.data.source, config.data)

@@ -139,3 +139,19 @@ def test_launch_tokenizer_train_and_extend(corpus, tmp_path):
               "--vocab_size=420")
     assert "vocab 420" in out.stdout
     assert tok.load_tokenizer(f"{tmp_path}/e.model").id_to_piece(5) == "<|a|>"
+
+
+def test_the_run_tokenizer_skips_bad_records_when_the_data_section_says_so(tmp_path):
+    from maxlm.data.sources import BadRecordError
+    from maxlm.train.data import get_tokenizer
+    from tests.helpers import tiny_config
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text('{"text": "hello world"}\nnot json\n{"text": "zigzag"}\n')
+    config = tiny_config()
+    config.data.update(source=f"jsonl:{corpus}")
+    with pytest.raises(BadRecordError, match="docs.jsonl:2: not valid JSON"):
+        get_tokenizer(config, str(tmp_path / "error"))
+    config.data.on_bad_record = "skip"
+    t = get_tokenizer(config, str(tmp_path / "skip"))
+    assert t.piece_to_id("z") != t.unk_id and t.decode(t.encode("hello zigzag")) == "hello zigzag"

@@ -62,7 +62,10 @@ def to_messages(record: Mapping[str, Any], sft_format: str, field: str = "chosen
     if sft_format == "hh":
         return parse_hh(record[field])
     if sft_format == "chat":
-        messages = record["messages"]
+        messages = record.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                     for m in messages):
+            raise ValueError("a chat record needs 'messages': a list of {role, content} objects")
         bad = [m.get("role") for m in messages if m.get("role") not in ROLES]
         if bad:
             raise ValueError(f"unknown chat roles {bad}; expected {ROLES}")
@@ -73,11 +76,16 @@ def to_messages(record: Mapping[str, Any], sft_format: str, field: str = "chosen
     raise ValueError(f"data.sft_format={sft_format!r} is not one of hh, chat, instruction")
 
 
+def check_learnable(messages: Sequence[Mapping[str, str]]) -> None:
+    """Raises ValueError if the dialogue has no assistant turn (nothing for the loss)."""
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("a dialogue without an assistant turn has nothing to learn from")
+
+
 def tokenize_dialogue(messages: Sequence[Mapping[str, str]], tokenizer: Tokenizer,
                       template: ChatTemplate | HFChatTemplate, *, train_on_prompt: bool = False) -> dict[str, np.ndarray]:
     """``{'tokens', 'loss_mask'}`` where ``loss_mask[j]`` = 1 if token j is a target the loss counts."""
-    if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("a dialogue without an assistant turn has nothing to learn from")
+    check_learnable(messages)
     if isinstance(template, HFChatTemplate):
         return template.tokenize(messages, tokenizer, train_on_prompt=train_on_prompt)
     tokens: list[int] = [tokenizer.bos_id] if template.add_bos and tokenizer.bos_id >= 0 else []

@@ -96,10 +96,12 @@ def _write_atomically(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _training_lines(input_files: Sequence[str]) -> Iterator[str]:
-    """Non-empty lines of every document of every input (paths, globs or source specs)."""
-    for item in input_files:
-        source = sources.make_source(sources.infer_spec(item))
+def _training_lines(inputs: Sequence[str | sources.DocumentSource],
+                    on_bad_record: sources.OnBadRecord) -> Iterator[str]:
+    """Non-empty lines of every document of every input (paths, globs, source specs or documents)."""
+    for item in inputs:
+        source = (sources.make_source(sources.infer_spec(item), on_bad_record=on_bad_record)
+                  if isinstance(item, str) else item)
         for i in range(len(source)):
             yield from (line for line in source[i].split(_NEWLINE) if line)
 
@@ -111,7 +113,7 @@ def _save(proto_bytes: bytes, model_prefix: str) -> Tokenizer:
 
 
 def train_tokenizer(
-    input_files: str | Sequence[str],
+    input_files: str | Sequence[str | sources.DocumentSource],
     model_prefix: str,
     *,
     vocab_size: int,
@@ -122,17 +124,19 @@ def train_tokenizer(
     hard_vocab_limit: bool | None = None,
     input_sentence_size: int = 5_000_000,
     num_threads: int = 2,
+    on_bad_record: sources.OnBadRecord = "error",
 ) -> Tokenizer:
     """Trains a round-tripping SentencePiece model and writes ``{model_prefix}.model``.
 
     Args:
       input_files: paths, globs or source specs; ``*.jsonl[.gz][#field]`` is read as JSONL
-        (field ``text`` by default), other paths as plain text.
+        (field ``text`` by default), other paths as plain text; or documents (a sequence of strings).
       vocab_size: target size. For ``char`` models it is an upper bound (the vocab is every
         character seen, plus the byte pieces and specials).
       special_tokens: extra pieces that are never split (e.g. chat markers), ids 5, 6, ...
       hard_vocab_limit: defaults to False for ``char`` and True otherwise.
       input_sentence_size: at most this many lines are sampled for training.
+      on_bad_record: a bad record of an input raises (``error``) or is skipped and logged (``skip``).
     """
     if model_type not in _MODEL_TYPES:
         raise ValueError(f"model_type must be one of {sorted(_MODEL_TYPES)}, got {model_type!r}")
@@ -143,7 +147,7 @@ def train_tokenizer(
         special_tokens = [t for t in special_tokens if t != _NEWLINE]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_training_lines(inputs),
+        sentence_iterator=_training_lines(inputs, on_bad_record),
         model_writer=model,
         model_type=model_type,
         vocab_size=vocab_size,

@@ -14,7 +14,7 @@ from absl import logging
 
 from maxlm.data import pipeline, preference, sft
 from maxlm.data.hf_chat import HFChatTemplate
-from maxlm.data.sources import BUILTIN_CORPORA, asset_path, load_jsonl, make_source
+from maxlm.data.sources import BUILTIN_CORPORA, BadRecordError, asset_path, load_jsonl, make_source
 from maxlm.data.tokenizer import Tokenizer, get_or_train_default_tokenizer, load_tokenizer, train_tokenizer
 from maxlm.train.objectives import PREFERENCE_OBJECTIVES
 
@@ -35,22 +35,55 @@ def cache_dir(config, workdir: str) -> str:
 
 
 def tokenizer_text(config) -> str:
-    """The text a ``char`` tokenizer is trained on: ``data.tokenizer_text`` if given, else the dialogue field
-    for HH SFT, ``chosen`` for preference pairs, or the whole ``data.source``."""
+    """The text a ``char`` tokenizer is trained on, as a source spec that also names its cache:
+    ``data.tokenizer_text`` if given, else the dialogue field for HH SFT, ``chosen`` for preference pairs,
+    ``#chat`` / ``#instruction`` for those SFT records (no field holds their text: ``message_texts``),
+    or the whole ``data.source``."""
     d, objective = config.data, config.train.objective
     if d.tokenizer_text:
         return d.tokenizer_text
     source = d.source.partition("#")[0]
     if objective in PREFERENCE_OBJECTIVES:
         return f"{source}#chosen"
-    if objective == "sft" and d.sft_format == "hh":
-        return f"{source}#{d.sft_field}"
+    if objective == "sft":
+        return f"{source}#{d.sft_field if d.sft_format == 'hh' else d.sft_format}"
     return d.source
 
 
+def _learns_messages(config) -> bool:
+    """Whether a ``char`` tokenizer learns ``message_texts`` rather than reading ``tokenizer_text`` as a source:
+    for chat and instruction SFT records, and ``pairs`` (whose completions may be message lists)."""
+    d, objective = config.data, config.train.objective
+    if d.tokenizer_text:
+        return False
+    if objective == "sft":
+        return d.sft_format != "hh"
+    return objective in PREFERENCE_OBJECTIVES and d.preference_format == "pairs"
+
+
+def message_texts(config) -> list[str]:
+    """The text of every dialogue of ``data.source``, one document each: the messages of an SFT record, the
+    chosen completion of a preference pair (a bad pair raises as in ``records_to_pairs``, or is left out)."""
+    d = config.data
+    if config.train.objective == "sft":
+        dialogues = [sft.to_messages(r, d.sft_format, d.sft_field) for r in read_sft_records(d.source, d)]
+    else:
+        dialogues = []
+        for i, record in enumerate(read_preference_records(d.source, d.preference_format, d.on_bad_record)):
+            try:
+                dialogues.append(preference.to_pair(record, d.preference_format)[1])
+            except ValueError as e:
+                if d.on_bad_record == "error":
+                    raise ValueError(f"{d.source} record {i}: {e}; set data.on_bad_record=skip to skip it") from None
+    texts = ["\n".join(m["content"] for m in messages) for messages in dialogues]
+    if not any(texts):
+        raise ValueError(f"{d.source}: no dialogue text to train the char tokenizer on")
+    return texts
+
+
 def get_tokenizer(config, workdir: str) -> Tokenizer:
-    """``data.tokenizer``: ``char`` (trained once on ``tokenizer_text``, then cached), a ``.model``
-    path, or an HF model directory / ``tokenizer.json`` (needs the hf extra)."""
+    """``data.tokenizer``: ``char`` (trained once on ``tokenizer_text`` or ``message_texts``, then cached), a
+    ``.model`` path, or an HF model directory / ``tokenizer.json`` (needs the hf extra)."""
     spec = config.data.tokenizer
     text_spec = tokenizer_text(config)
     if os.path.isdir(spec) or spec.endswith(".json"):
@@ -68,7 +101,9 @@ def get_tokenizer(config, workdir: str) -> Tokenizer:
     prefix = os.path.join(directory, f"char_{name}")
     if os.path.isfile(prefix + ".model"):
         return load_tokenizer(prefix + ".model")
-    return train_tokenizer([text_spec], prefix, vocab_size=100_000, model_type="char")
+    documents = message_texts(config) if _learns_messages(config) else text_spec
+    return train_tokenizer([documents], prefix, vocab_size=100_000, model_type="char",
+                           on_bad_record=config.data.on_bad_record)
 
 
 def make_data(config, workdir: str) -> TrainData:
@@ -112,9 +147,30 @@ def read_records(spec: str, on_bad_record: str, fields: tuple[str, ...]) -> list
 
 
 def read_sft_records(spec: str, d) -> list[dict]:
-    """The records of ``spec`` with the fields ``data.sft_format`` needs (``d`` is the data section)."""
+    """The records of ``spec`` that are ``data.sft_format`` dialogues with an assistant turn (``d`` is the data
+    section); a bad one raises BadRecordError naming it, or with ``data.on_bad_record=skip`` is left out."""
     required = {"hh": (d.sft_field,), "instruction": ("instruction", "output"), "chat": ()}[d.sft_format]
-    return read_records(spec, d.on_bad_record, required)
+    records, good, bad = read_records(spec, d.on_bad_record, required), [], []
+    for i, record in enumerate(records):
+        try:
+            sft.check_learnable(sft.to_messages(record, d.sft_format, d.sft_field))
+        except ValueError as e:
+            if d.on_bad_record == "error":
+                raise BadRecordError(f"{spec} record {i}: {e}; set data.on_bad_record=skip to skip it") from None
+            bad.append(f"record {i}: {e}")
+            continue
+        good.append(record)
+    if bad:
+        logging.warning("%s: skipped %d bad SFT records of %d, the first %s", spec, len(bad), len(records), bad[0])
+    if not good:
+        raise ValueError(f"{spec}: no usable SFT records")
+    return good
+
+
+def read_preference_records(spec: str, preference_format: str, on_bad_record: str) -> list[dict]:
+    """The records of ``spec``: ``hh`` ones hold ``chosen`` and ``rejected`` strings, ``pairs`` may hold
+    message lists (``preference.to_pair`` checks them)."""
+    return read_records(spec, on_bad_record, ("chosen", "rejected") if preference_format == "hh" else ())
 
 
 def sft_examples(records: list[dict], tokenizer: Tokenizer, template, d) -> list[dict[str, np.ndarray]]:
@@ -167,9 +223,8 @@ def preference_data(config, workdir: str) -> TrainData:
     """Preference pairs (``data.preference_format``) rendered with ``data.chat_template``, one pair
     per ``[2, seq_len]`` row pair; the last ``data.val_fraction`` of the records are held out."""
     d, t = config.data, config.train
-    strings = ("chosen", "rejected") if d.preference_format == "hh" else ()  # pairs may hold message lists
     template = chat_template(d)
-    records = read_records(d.source, d.on_bad_record, strings)
+    records = read_preference_records(d.source, d.preference_format, d.on_bad_record)
     tokenizer = get_tokenizer(config, workdir)
     pairs, skipped = preference.records_to_pairs(
         records, tokenizer, template, preference_format=d.preference_format, seq_len=t.seq_len,
